@@ -1,0 +1,48 @@
+"""kerntrace: which training examples caused each prediction of a model (TRAK).
+
+The step-by-step workflow is ``TRAKer``; ``attribute`` does it in one call.
+"""
+
+from __future__ import annotations
+
+from .api import TRAKer, attribute
+from .errors import (
+    BatchError,
+    CheckpointFormatError,
+    ConfigurationError,
+    KerntraceError,
+    ModelModeError,
+    NonFiniteGradientError,
+    NumericalError,
+    OrderError,
+    StoreCorruptError,
+    StoreMismatchError,
+)
+from .kernel import IllConditionedWarning
+from .outputs import ClassificationTask, RegressionTask, Task
+from .scoring import Ranking, Scores, TargetScores
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TRAKer",
+    "attribute",
+    "Scores",
+    "TargetScores",
+    "Ranking",
+    "Task",
+    "ClassificationTask",
+    "RegressionTask",
+    "KerntraceError",
+    "ConfigurationError",
+    "OrderError",
+    "StoreMismatchError",
+    "StoreCorruptError",
+    "CheckpointFormatError",
+    "BatchError",
+    "NonFiniteGradientError",
+    "NumericalError",
+    "ModelModeError",
+    "IllConditionedWarning",
+    "__version__",
+]

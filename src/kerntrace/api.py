@@ -1,0 +1,686 @@
+"""The user-facing workflow: ``TRAKer`` step by step, ``attribute`` in one call.
+
+``TRAKer`` keeps the call sequence of the ``traker`` package (load a
+checkpoint, featurize train batches, finalize features, then per checkpoint
+start scoring, score target batches, finalize scores). Each step checks that
+the steps it depends on have run, and names the missing one if not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import kernel
+from .checkpoints import fingerprint, load_into
+from .errors import (
+    BatchError,
+    ConfigurationError,
+    OrderError,
+    StoreMismatchError,
+)
+from .featurize import Featurizer
+from .gradients import batch_size, select_parameters
+from .outputs import Task, get_task
+from .projection import Projector, make_projector
+from .scoring import Scores, ensemble_scores
+from .store import Store, open_array, save_array
+
+__all__ = ["TRAKer", "attribute", "DEFAULT_PROJ_DIM"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROJ_DIM = 2048
+_FEATURE_DTYPES = ("float16", "float32", "float64")
+
+
+@dataclass
+class _Scoring:
+    exp_name: str
+    model_id: int
+    num_targets: int
+    featurizer: Featurizer
+    cursor: int = 0
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigurationError(
+            f"device {device!r} is not a torch device; use e.g. 'cpu' or 'cuda:0'"
+        ) from error
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ConfigurationError(
+            f"{name} must be a positive integer, got {value!r} ({type(value).__name__})"
+        )
+    if value < 1:
+        raise ConfigurationError(f"{name} must be a positive integer, got {value}")
+    return int(value)
+
+
+def _rows_of(
+    inds: Any, num_samples: int | None, count: int, cursor: int, total: int
+) -> np.ndarray:
+    """Validate ``inds`` / ``num_samples`` and return the batch's row indices."""
+    if (inds is None) == (num_samples is None):
+        raise BatchError(
+            "pass exactly one of inds= (the examples' indices) or num_samples= "
+            "(the batch size, for batches given in order)"
+        )
+    if num_samples is not None:
+        if num_samples != count:
+            raise BatchError(
+                f"num_samples={num_samples} but the batch holds {count} examples; "
+                "pass num_samples=len(batch[0])"
+            )
+        if cursor + count > total:
+            raise BatchError(
+                f"rows {cursor}..{cursor + count - 1} go past the {total} examples "
+                "declared; more examples were fed than declared, or a loop ran "
+                "twice: call load_checkpoint / start_scoring_checkpoint again to "
+                "restart at row 0, or pass inds="
+            )
+        return np.arange(cursor, cursor + count, dtype=np.int64)
+    rows = np.asarray(inds.cpu() if isinstance(inds, torch.Tensor) else inds)
+    if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
+        raise BatchError(
+            f"inds must be a 1-d sequence of integers, got shape {rows.shape} "
+            f"and dtype {rows.dtype}"
+        )
+    rows = rows.astype(np.int64)
+    if rows.shape[0] != count:
+        raise BatchError(
+            f"inds has {rows.shape[0]} entries but the batch holds {count} examples"
+        )
+    if rows.size and (rows.min() < 0 or rows.max() >= total):
+        raise BatchError(
+            f"inds must lie in 0..{total - 1}, got values from {rows.min()} to "
+            f"{rows.max()}"
+        )
+    if np.unique(rows).size != rows.size:
+        raise BatchError("inds holds duplicates; each example must appear once")
+    return rows
+
+
+class TRAKer:
+    """Attributes a model's outputs on targets to its train examples (TRAK).
+
+    Args:
+        model: The network. It is moved to ``device``; its mode and buffers
+            are left as they were.
+        task: A task name (see ``kerntrace.outputs.TASKS``) or a task object.
+        train_set_size: n, the number of train examples.
+        save_dir: The store directory; an existing store is reopened and must
+            have been made with the same settings.
+        proj_dim: k, the number of features per example.
+        projector: ``"dense"`` (Gaussian), ``"rademacher"`` or ``"identity"``.
+        projector_seed: Seed of the random projection.
+        lambda_reg: The damping λ. ``None`` chooses it per checkpoint as the
+            mean non-zero eigenvalue of ΦᵀΦ (see ``kernel.choose_damping``)
+            and logs it; a number is used as given.
+        grad_wrt: Parameter or module names to differentiate; ``None`` takes
+            every parameter with ``requires_grad=True``.
+        use_half_precision: Store features in float16 (the solve stays in
+            float64).
+        feature_dtype: Overrides the storage dtype: ``"float16"``,
+            ``"float32"`` or ``"float64"``.
+        device: Where gradients are computed; default CUDA if available.
+        memory_bytes: Budget for one chunk of per-example gradients.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: str | Task,
+        train_set_size: int,
+        save_dir: str | os.PathLike[str] = "./trak_results",
+        *,
+        proj_dim: int = DEFAULT_PROJ_DIM,
+        projector: str = "dense",
+        projector_seed: int = 0,
+        lambda_reg: float | None = None,
+        grad_wrt: Sequence[str] | str | None = None,
+        use_half_precision: bool = False,
+        feature_dtype: str | None = None,
+        device: str | torch.device | None = None,
+        memory_bytes: int = 256 << 20,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigurationError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}"
+            )
+        self.train_set_size = _positive_int(train_set_size, "train_set_size")
+        self.proj_dim = _positive_int(proj_dim, "proj_dim")
+        if lambda_reg is not None and not (float(lambda_reg) >= 0):
+            raise ConfigurationError(
+                f"lambda_reg must be None (automatic) or a number ≥ 0, got "
+                f"{lambda_reg!r}"
+            )
+        dtype = feature_dtype or ("float16" if use_half_precision else "float32")
+        if dtype not in _FEATURE_DTYPES:
+            raise ConfigurationError(
+                f"feature_dtype must be one of {_FEATURE_DTYPES}, got {dtype!r}"
+            )
+        self.device = _resolve_device(device)
+        self.model = model.to(self.device)
+        self.task = get_task(task)
+        self.layout = select_parameters(model, grad_wrt)
+        self.projector_kind = projector
+        self.projector_seed = int(projector_seed)
+        self.lambda_reg = None if lambda_reg is None else float(lambda_reg)
+        self.memory_bytes = memory_bytes
+        make_projector(projector, 1, self.proj_dim, seed=0, model_id=0)
+        if projector == "identity":
+            self.proj_dim = self.layout.numel
+        self.store = Store(
+            save_dir,
+            {
+                "task": self.task.name,
+                "train_set_size": self.train_set_size,
+                "proj_dim": self.proj_dim,
+                "projector": projector,
+                "projector_seed": self.projector_seed,
+                "feature_dtype": dtype,
+                "parameters": self.layout.fingerprint(),
+                "num_parameters": self.layout.numel,
+            },
+        )
+        self.save_dir = self.store.path
+        self._model_id: int | None = None
+        self._featurizer: Featurizer | None = None
+        self._cursor = 0
+        self._scoring: _Scoring | None = None
+        logger.info(
+            "TRAKer: task %s, %d train examples, %d parameters in %d tensors, "
+            "projector %s with k=%d and seed %d, features stored as %s, on %s",
+            self.task.name,
+            self.train_set_size,
+            self.layout.numel,
+            len(self.layout.names),
+            projector,
+            self.proj_dim,
+            self.projector_seed,
+            dtype,
+            self.device,
+        )
+
+    # -- featurizing ------------------------------------------------------
+
+    def _projector(self, model_id: int) -> Projector:
+        return make_projector(
+            self.projector_kind,
+            self.layout.numel,
+            self.proj_dim,
+            seed=self.projector_seed,
+            model_id=model_id,
+        )
+
+    def _load(self, checkpoint: Any, model_id: int) -> str:
+        if isinstance(model_id, bool) or not isinstance(model_id, int | np.integer):
+            raise ConfigurationError(
+                f"model_id must be a non-negative integer, got {model_id!r}"
+            )
+        if model_id < 0:
+            raise ConfigurationError(f"model_id must be ≥ 0, got {model_id}")
+        load_into(self.model, checkpoint)
+        return fingerprint(self.model, self.layout.names)
+
+    def load_checkpoint(self, checkpoint: Any, model_id: int) -> None:
+        """Load checkpoint ``model_id`` into the model to featurize with it.
+
+        Args:
+            checkpoint: A state dict, module, ``.pt`` or ``.safetensors`` path.
+            model_id: The checkpoint's id, an integer ≥ 0.
+
+        Raises:
+            StoreMismatchError: The store already has features of another
+                checkpoint under this id.
+        """
+        stamp = self._load(checkpoint, model_id)
+        relative = f"models/{int(model_id)}/checkpoint.json"
+        recorded = self.store.read(relative)
+        if recorded is not None and recorded["fingerprint"] != stamp:
+            raise StoreMismatchError(
+                f"model id {model_id} in {str(self.save_dir)!r} was featurized "
+                f"with another checkpoint (fingerprint {recorded['fingerprint']}, "
+                f"this one {stamp}); use a new model_id or a new save_dir"
+            )
+        if recorded is None:
+            self.store.write(relative, {"fingerprint": stamp})
+        self._model_id = int(model_id)
+        self._featurizer = Featurizer(
+            self.model,
+            self.task,
+            self.layout,
+            self._projector(self._model_id),
+            memory_bytes=self.memory_bytes,
+        )
+        self._cursor = 0
+        self._scoring = None
+        logger.info("loaded checkpoint %d (fingerprint %s)", model_id, stamp)
+
+    def featurize(
+        self,
+        batch: Any,
+        inds: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+        num_samples: int | None = None,
+    ) -> None:
+        """Compute and store the features of a batch of train examples.
+
+        Rows already in the store are skipped, so rerunning a loop after a
+        crash only computes what is missing.
+
+        Args:
+            batch: Tuple, list or dict of tensors, first dimension B.
+            inds: The B examples' indices in the train set.
+            num_samples: B, for batches fed in train-set order.
+        """
+        if self._featurizer is None or self._model_id is None:
+            raise OrderError(
+                "featurize() needs a checkpoint: call load_checkpoint(checkpoint, "
+                "model_id) first"
+            )
+        count = batch_size(batch)
+        rows = _rows_of(inds, num_samples, count, self._cursor, self.train_set_size)
+        if num_samples is not None:
+            self._cursor += count
+        arrays = self.store.train_rows(self._model_id)
+        todo = np.flatnonzero(arrays.done[rows] == 0)
+        if todo.size == 0:
+            return
+        if todo.size < count:
+            batch = _take(batch, todo)
+        features, weights = self._featurizer(batch, rows[todo])
+        self.store.remove(f"models/{self._model_id}/kernel.json")
+        arrays.write(rows[todo], features.numpy(), weights.numpy())
+
+    def finalize_features(
+        self, model_ids: Sequence[int] | None = None, del_grads: bool = False
+    ) -> None:
+        """Form, damp and factor the kernel of each featurized checkpoint.
+
+        Running it again is harmless: a kernel already made from the same
+        features and damping setting is kept.
+
+        Args:
+            model_ids: Checkpoints to finalize; default every one in the store.
+            del_grads: Accepted for compatibility with ``traker``; ignored.
+
+        Raises:
+            OrderError: No checkpoint was featurized, or some rows of one are
+                missing.
+        """
+        ids = list(model_ids) if model_ids is not None else self.store.model_ids()
+        if not ids:
+            raise OrderError(
+                "finalize_features() found no features: call load_checkpoint() "
+                "and featurize() on the train set first"
+            )
+        for model_id in ids:
+            self._finalize_model(int(model_id))
+
+    def _finalize_model(self, model_id: int) -> None:
+        relative = f"models/{model_id}/kernel.json"
+        if model_id not in self.store.model_ids():
+            raise OrderError(
+                f"model id {model_id} has no features in {str(self.save_dir)!r}; "
+                "call load_checkpoint(..., model_id) and featurize() first"
+            )
+        arrays = self.store.train_rows(model_id)
+        missing = arrays.missing()
+        if missing.size:
+            raise OrderError(
+                f"model id {model_id} has {missing.size} of {self.train_set_size} "
+                f"train rows not featurized (first missing: {missing[0]}); "
+                "featurize them before finalize_features()"
+            )
+        recorded = self.store.read(relative)
+        if recorded is not None and recorded.get("lambda_reg") == self.lambda_reg:
+            logger.info("model id %d: kernel already finalized, kept", model_id)
+            return
+        gram = kernel.gram(arrays.features)
+        if self.lambda_reg is None:
+            damping = kernel.choose_damping(gram, self.train_set_size)
+        else:
+            damping = kernel.Damping(self.lambda_reg, "given")
+        lower = kernel.factor(gram, damping.value, n=self.train_set_size)
+        save_array(self.store.model_dir(model_id) / "cholesky.npy", lower)
+        self.store.write(
+            relative,
+            {
+                "lambda_reg": self.lambda_reg,
+                "damping": damping.value,
+                "rule": damping.rule,
+                "trace": float(np.trace(gram)),
+            },
+        )
+        logger.info(
+            "model id %d: damping λ=%.4g (%s), kernel of size %d factored",
+            model_id,
+            damping.value,
+            damping.rule,
+            self.proj_dim,
+        )
+
+    # -- scoring ----------------------------------------------------------
+
+    def start_scoring_checkpoint(
+        self,
+        exp_name: str,
+        checkpoint: Any,
+        model_id: int,
+        num_targets: int,
+    ) -> None:
+        """Load checkpoint ``model_id`` to compute target features with it.
+
+        Args:
+            exp_name: Name of this set of targets.
+            checkpoint: The same checkpoint that was featurized as
+                ``model_id``.
+            model_id: Its id.
+            num_targets: T, the number of targets.
+
+        Raises:
+            OrderError: ``finalize_features`` has not run for this id.
+            StoreMismatchError: The checkpoint differs from the featurized one,
+                or the experiment exists with another number of targets.
+        """
+        num_targets = _positive_int(num_targets, "num_targets")
+        experiment = self.store.experiment_dir(exp_name)
+        if self.store.read(f"models/{int(model_id)}/kernel.json") is None:
+            raise OrderError(
+                f"model id {model_id} has no finalized features: call "
+                "finalize_features() after featurizing the train set, then "
+                "start_scoring_checkpoint()"
+            )
+        stamp = self._load(checkpoint, model_id)
+        recorded = self.store.read(f"models/{int(model_id)}/checkpoint.json")
+        if recorded is not None and recorded["fingerprint"] != stamp:
+            raise StoreMismatchError(
+                f"the checkpoint given for model id {model_id} differs from the "
+                f"one its train features were computed with (fingerprint "
+                f"{stamp}, featurized {recorded['fingerprint']}); pass the same "
+                "checkpoint"
+            )
+        info = self.store.read(f"experiments/{exp_name}/experiment.json")
+        if info is None:
+            self.store.write(
+                f"experiments/{exp_name}/experiment.json",
+                {"num_targets": num_targets},
+            )
+        elif info["num_targets"] != num_targets:
+            raise StoreMismatchError(
+                f"experiment {exp_name!r} was started with num_targets="
+                f"{info['num_targets']}, now {num_targets}; use another exp_name"
+            )
+        featurizer = Featurizer(
+            self.model,
+            self.task,
+            self.layout,
+            self._projector(int(model_id)),
+            memory_bytes=self.memory_bytes,
+        )
+        self._scoring = _Scoring(exp_name, int(model_id), num_targets, featurizer)
+        self._featurizer = None
+        self._model_id = None
+        logger.info(
+            "scoring experiment %r with checkpoint %d (%d targets) in %s",
+            exp_name,
+            model_id,
+            num_targets,
+            experiment,
+        )
+
+    def score(
+        self,
+        batch: Any,
+        inds: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+        num_samples: int | None = None,
+    ) -> None:
+        """Compute and store the features of a batch of targets.
+
+        Args:
+            batch: Tuple, list or dict of tensors, first dimension B.
+            inds: The B targets' indices, in 0..num_targets-1.
+            num_samples: B, for targets fed in order.
+        """
+        state = self._scoring
+        if state is None:
+            raise OrderError(
+                "score() needs a scoring checkpoint: call start_scoring_checkpoint("
+                "exp_name, checkpoint, model_id, num_targets) first"
+            )
+        count = batch_size(batch)
+        rows = _rows_of(inds, num_samples, count, state.cursor, state.num_targets)
+        if num_samples is not None:
+            state.cursor += count
+        features, _ = state.featurizer(batch, rows)
+        arrays = self.store.target_rows(
+            state.exp_name, state.model_id, state.num_targets
+        )
+        self.store.remove(f"experiments/{state.exp_name}/scores.json")
+        arrays.write(rows, features.numpy())
+
+    def finalize_scores(
+        self,
+        exp_name: str,
+        model_ids: Sequence[int] | None = None,
+        allow_skip: bool = False,
+    ) -> np.ndarray:
+        """Average the checkpoints' scores for experiment ``exp_name``.
+
+        Args:
+            exp_name: The experiment.
+            model_ids: Checkpoints to average; default every finalized one.
+            allow_skip: Average over the checkpoints whose targets are all
+                scored, skipping (with a warning) those that are not.
+
+        Returns:
+            Shape (n_train, n_targets), float32: positive where the train
+            example pushes the target's output up. A read-only memmap of
+            ``experiments/<exp_name>/scores.npy``.
+
+        Raises:
+            OrderError: No target was scored, or some checkpoints' targets are
+                incomplete and ``allow_skip`` is false.
+        """
+        info = self.store.read(f"experiments/{exp_name}/experiment.json")
+        if info is None:
+            raise OrderError(
+                f"experiment {exp_name!r} has no scored targets: call "
+                "start_scoring_checkpoint() and score() before finalize_scores()"
+            )
+        num_targets = int(info["num_targets"])
+        wanted = self._finalized_ids() if model_ids is None else list(model_ids)
+        complete, incomplete = [], []
+        for model_id in wanted:
+            if self._targets_complete(exp_name, int(model_id), num_targets):
+                complete.append(int(model_id))
+            else:
+                incomplete.append(int(model_id))
+        if incomplete and not allow_skip:
+            raise OrderError(
+                f"experiment {exp_name!r} has unscored targets for model id(s) "
+                f"{', '.join(map(str, incomplete))}; score them with "
+                "start_scoring_checkpoint() and score(), or pass allow_skip=True "
+                f"to average over the complete ones ({complete or 'none'})"
+            )
+        if incomplete:
+            warnings.warn(
+                f"finalize_scores skips model id(s) {incomplete}, whose targets "
+                f"are not all scored; averaging over {complete}",
+                stacklevel=2,
+            )
+        if not complete:
+            raise OrderError(
+                f"experiment {exp_name!r} has no model id with all {num_targets} "
+                "targets scored; score them first"
+            )
+        return self._combine(exp_name, complete, num_targets)
+
+    def _finalized_ids(self) -> list[int]:
+        return [
+            i
+            for i in self.store.model_ids()
+            if self.store.read(f"models/{i}/kernel.json") is not None
+        ]
+
+    def _targets_complete(self, exp_name: str, model_id: int, num: int) -> bool:
+        if self.store.read(f"models/{model_id}/kernel.json") is None:
+            return False
+        try:
+            arrays = self.store.target_rows(exp_name, model_id, num, writable=False)
+        except FileNotFoundError:
+            return False
+        return arrays.missing().size == 0
+
+    def _combine(self, exp_name: str, ids: list[int], num_targets: int) -> np.ndarray:
+        solved, features, dampings = [], [], {}
+        weights = np.zeros(self.train_set_size, dtype=np.float64)
+        for model_id in ids:
+            folder = self.store.model_dir(model_id)
+            lower = np.load(folder / "cholesky.npy")
+            targets = self.store.target_rows(
+                exp_name, model_id, num_targets, writable=False
+            ).features
+            solved.append(kernel.solve(lower, np.asarray(targets).T))
+            train = self.store.train_rows(model_id, writable=False)
+            features.append(train.features)
+            weights += train.weights
+            dampings[model_id] = self.store.read(f"models/{model_id}/kernel.json")[
+                "damping"
+            ]
+        weights /= len(ids)
+        path = self.store.experiment_dir(exp_name) / "scores.npy"
+        tmp = path.with_name(f".scores.{os.getpid()}.tmp.npy")
+        tmp.unlink(missing_ok=True)
+        out = open_array(
+            tmp, (self.train_set_size, num_targets), "float32", writable=True
+        )
+        ensemble_scores(features, solved, weights, out=out)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+        self.store.write(
+            f"experiments/{exp_name}/scores.json",
+            {"model_ids": ids, "damping": {str(k): v for k, v in dampings.items()}},
+        )
+        logger.info(
+            "scores of experiment %r averaged over model ids %s written to %s",
+            exp_name,
+            ids,
+            path,
+        )
+        self.damping = dampings
+        return np.load(path, mmap_mode="r")
+
+
+def _take(batch: Any, rows: np.ndarray) -> Any:
+    index = torch.as_tensor(rows, dtype=torch.long)
+    if isinstance(batch, dict):
+        return {
+            k: v[index.to(v.device)] if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+        }
+    return type(batch)(
+        v[index.to(v.device)] if isinstance(v, torch.Tensor) else v for v in batch
+    )
+
+
+def _count(batches: Iterable[Any], what: str) -> int:
+    dataset = getattr(batches, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return len(dataset)
+    total = sum(batch_size(b) for b in batches)
+    if total == 0:
+        raise ConfigurationError(f"{what} holds no examples")
+    return total
+
+
+def attribute(
+    model: nn.Module,
+    checkpoints: Sequence[Any],
+    train: Iterable[Any],
+    targets: Iterable[Any],
+    *,
+    task: str | Task = "image_classification",
+    save_dir: str | os.PathLike[str] | None = None,
+    exp_name: str = "targets",
+    progress: bool = True,
+    **options: Any,
+) -> Scores:
+    """Attribute every target to every train example in one call.
+
+    Args:
+        model: The network; each checkpoint is loaded into it in turn.
+        checkpoints: State dicts, modules, or ``.pt`` / ``.safetensors`` paths.
+        train: Re-iterable batches of train examples, in a fixed order (a
+            list of batches or a ``DataLoader`` without shuffling).
+        targets: Re-iterable batches of targets.
+        task: Task name or object.
+        save_dir: Store directory; a temporary one (deleted afterwards) if
+            ``None``.
+        exp_name: Name of the target set in the store.
+        progress: Show progress bars.
+        **options: Passed to ``TRAKer`` (``proj_dim``, ``lambda_reg``, …).
+
+    Returns:
+        The scores, shape (n_train, n_targets).
+    """
+    checkpoints = list(checkpoints)
+    if not checkpoints:
+        raise ConfigurationError("checkpoints is empty; pass at least one")
+    if save_dir is None:
+        with tempfile.TemporaryDirectory(prefix="kerntrace-") as tmp:
+            result = attribute(
+                model,
+                checkpoints,
+                train,
+                targets,
+                task=task,
+                save_dir=tmp,
+                exp_name=exp_name,
+                progress=progress,
+                **options,
+            )
+            return Scores(result.to_numpy(), result.model_ids, result.damping)
+    n_train = _count(train, "train")
+    n_targets = _count(targets, "targets")
+    traker = TRAKer(model, task, n_train, save_dir, **options)
+    for model_id, checkpoint in enumerate(checkpoints):
+        traker.load_checkpoint(checkpoint, model_id=model_id)
+        for batch in tqdm(
+            train, desc=f"featurize {model_id}", disable=not progress, leave=False
+        ):
+            traker.featurize(batch, num_samples=batch_size(batch))
+    traker.finalize_features()
+    for model_id, checkpoint in enumerate(checkpoints):
+        traker.start_scoring_checkpoint(exp_name, checkpoint, model_id, n_targets)
+        for batch in tqdm(
+            targets, desc=f"score {model_id}", disable=not progress, leave=False
+        ):
+            traker.score(batch, num_samples=batch_size(batch))
+    values = traker.finalize_scores(exp_name)
+    return Scores(
+        values,
+        tuple(range(len(checkpoints))),
+        dict(traker.damping),
+        Path(traker.save_dir),
+    )

@@ -1,0 +1,61 @@
+"""The exceptions kerntrace raises.
+
+Each subclasses the built-in exception a caller would already catch, so
+``except ValueError`` keeps working, and each message says what was wrong,
+the value seen and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KerntraceError",
+    "ConfigurationError",
+    "OrderError",
+    "StoreMismatchError",
+    "StoreCorruptError",
+    "CheckpointFormatError",
+    "BatchError",
+    "NonFiniteGradientError",
+    "NumericalError",
+    "ModelModeError",
+]
+
+
+class KerntraceError(Exception):
+    """Base class of every error kerntrace raises on purpose."""
+
+
+class ConfigurationError(KerntraceError, ValueError):
+    """An argument has a value kerntrace cannot work with."""
+
+
+class OrderError(KerntraceError, RuntimeError):
+    """A method was called before the step it depends on."""
+
+
+class StoreMismatchError(KerntraceError, ValueError):
+    """A save directory holds results made with different settings."""
+
+
+class StoreCorruptError(KerntraceError, OSError):
+    """A file in the save directory is missing, truncated or unreadable."""
+
+
+class CheckpointFormatError(KerntraceError, TypeError):
+    """A checkpoint is not in one of the accepted formats."""
+
+
+class BatchError(KerntraceError, ValueError):
+    """A batch, or the indices given with it, is malformed."""
+
+
+class NonFiniteGradientError(KerntraceError, FloatingPointError):
+    """A per-example gradient or output contains NaN or infinity."""
+
+
+class NumericalError(KerntraceError, ArithmeticError):
+    """A linear-algebra step failed, for example a singular kernel."""
+
+
+class ModelModeError(KerntraceError, RuntimeError):
+    """The model computes per-batch statistics, which couple the examples."""

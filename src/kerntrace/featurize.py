@@ -1,0 +1,100 @@
+"""From a batch of examples to their features: gradient, then projection.
+
+A batch is cut into chunks of rows so that the per-example gradients of one
+chunk, (rows, p) numbers, stay within a memory budget; peak memory then grows
+with the chunk and k, never with the number of train examples.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import NonFiniteGradientError
+from .gradients import (
+    ParameterLayout,
+    PerExampleGradients,
+    batch_size,
+    prepare_batch,
+    slice_batch,
+)
+from .outputs import Task
+from .projection import Projector
+
+__all__ = ["Featurizer"]
+
+logger = logging.getLogger(__name__)
+
+
+class Featurizer:
+    """Computes projected per-example gradients of one checkpoint.
+
+    Args:
+        model: The network, with the checkpoint loaded.
+        task: What output is attributed.
+        layout: The selected parameters.
+        projector: Maps gradients to k features.
+        memory_bytes: Budget for the per-example gradients of one chunk.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        layout: ParameterLayout,
+        projector: Projector,
+        *,
+        memory_bytes: int = 256 << 20,
+    ) -> None:
+        self.gradients = PerExampleGradients(model, task, layout)
+        self.projector = projector
+        self.layout = layout
+        itemsize = torch.finfo(self.gradients.dtype).bits // 8
+        # vmap keeps about three gradient-sized buffers alive per row.
+        per_row = 3 * max(1, layout.numel) * itemsize
+        self.chunk_rows = max(1, int(memory_bytes // per_row))
+
+    def __call__(
+        self, batch: Any, rows: Sequence[int] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Features and out-to-loss weights of a batch.
+
+        Args:
+            batch: Tuple, list or dict of tensors with first dimension B.
+            rows: The examples' indices, used to name one whose gradient is
+                not finite.
+
+        Returns:
+            ``(features, weights)``: shapes (B, k) and (B,), float32 on the
+            CPU.
+
+        Raises:
+            NonFiniteGradientError: Some example's gradient or weight is NaN
+                or infinite; the message names it.
+        """
+        batch = prepare_batch(
+            batch, device=self.gradients.device, dtype=self.gradients.dtype
+        )
+        total = batch_size(batch)
+        features, weights = [], []
+        for start in range(0, total, self.chunk_rows):
+            part = slice_batch(batch, slice(start, start + self.chunk_rows))
+            grads, weight = self.gradients.compute(part)
+            finite = torch.isfinite(grads).all(dim=1) & torch.isfinite(weight)
+            if not bool(finite.all()):
+                bad = start + int(torch.nonzero(~finite)[0, 0])
+                name = rows[bad] if rows is not None else bad
+                raise NonFiniteGradientError(
+                    f"the gradient or out-to-loss weight of example {name} is "
+                    "NaN or infinite; check that example's input and the model "
+                    "(e.g. a division by a zero feature); nothing of this batch "
+                    "was written"
+                )
+            projected = self.projector.project(grads)
+            features.append(projected.float().cpu())
+            weights.append(weight.float().cpu())
+        return torch.cat(features), torch.cat(weights)

@@ -1,0 +1,191 @@
+"""Random projections of per-example gradients to k dimensions.
+
+A projector maps a gradient g in R^p to φ = Pᵀg in R^k with E‖φ‖² = ‖g‖².
+P is cut into blocks of ``BLOCK_ROWS`` consecutive gradient coordinates;
+block b is drawn from a generator seeded by (seed, model_id, b) alone, so
+P depends on nothing but the seed, the checkpoint's model id and the
+coordinates — never on batch size, on how the caller chunks the gradient,
+on the device or on the number of threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import ConfigurationError
+
+__all__ = [
+    "Projector",
+    "DenseProjector",
+    "IdentityProjector",
+    "make_projector",
+    "PROJECTORS",
+    "BLOCK_ROWS",
+]
+
+logger = logging.getLogger(__name__)
+
+BLOCK_ROWS = 1024
+
+
+def block_seed(seed: int, model_id: int, block: int) -> int:
+    """A 63-bit generator seed for one block of the projection matrix."""
+    state = np.random.SeedSequence([seed, model_id, block]).generate_state(2)
+    return int((int(state[0]) << 32 | int(state[1])) & ((1 << 63) - 1))
+
+
+class Projector(ABC):
+    """Maps gradients of dimension p to features of dimension k.
+
+    Args:
+        grad_dim: p, the number of gradient coordinates.
+        proj_dim: k, the number of features.
+        seed: The projector seed.
+        model_id: The checkpoint's id; each checkpoint gets its own matrix.
+    """
+
+    kind = "abstract"
+
+    def __init__(self, grad_dim: int, proj_dim: int, *, seed: int, model_id: int):
+        if proj_dim < 1:
+            raise ConfigurationError(f"proj_dim must be at least 1, got {proj_dim}")
+        self.grad_dim = grad_dim
+        self.proj_dim = proj_dim
+        self.seed = seed
+        self.model_id = model_id
+
+    @abstractmethod
+    def project(self, grads: Tensor, *, offset: int = 0) -> Tensor:
+        """Project a slice of gradient coordinates.
+
+        Args:
+            grads: Shape (B, c): coordinates ``offset`` to ``offset + c`` of B
+                gradients, floating dtype.
+            offset: The first coordinate of the slice.
+
+        Returns:
+            Shape (B, k) in the dtype of ``grads``: the slice's contribution,
+            so summing over the slices of a gradient gives its projection.
+        """
+
+
+class DenseProjector(Projector):
+    """A dense Gaussian or Rademacher matrix with entries of variance 1/k.
+
+    Args:
+        distribution: ``"gaussian"`` or ``"rademacher"``.
+        cache_bytes: Keep the whole matrix in memory when it fits in this
+            many bytes (float32); otherwise regenerate blocks on each call.
+    """
+
+    def __init__(
+        self,
+        grad_dim: int,
+        proj_dim: int,
+        *,
+        seed: int,
+        model_id: int,
+        distribution: str = "gaussian",
+        cache_bytes: int = 1 << 30,
+    ) -> None:
+        super().__init__(grad_dim, proj_dim, seed=seed, model_id=model_id)
+        if distribution not in ("gaussian", "rademacher"):
+            raise ConfigurationError(
+                f"distribution must be 'gaussian' or 'rademacher', got {distribution!r}"
+            )
+        self.distribution = distribution
+        self.kind = f"dense-{distribution}"
+        self._scale = 1.0 / math.sqrt(proj_dim)
+        self._cache: dict[torch.device, Tensor] = {}
+        self._cacheable = grad_dim * proj_dim * 4 <= cache_bytes
+
+    def block(self, index: int) -> Tensor:
+        """Rows ``index * BLOCK_ROWS`` onward of P, float32 on the CPU."""
+        start = index * BLOCK_ROWS
+        rows = min(BLOCK_ROWS, self.grad_dim - start)
+        generator = torch.Generator().manual_seed(
+            block_seed(self.seed, self.model_id, index)
+        )
+        shape = (rows, self.proj_dim)
+        if self.distribution == "gaussian":
+            values = torch.randn(shape, generator=generator)
+        else:
+            values = torch.randint(0, 2, shape, generator=generator).float()
+            values = values.mul_(2).sub_(1)
+        return values.mul_(self._scale)
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of P, float32 on the CPU."""
+        first, last = start // BLOCK_ROWS, (stop - 1) // BLOCK_ROWS
+        blocks = torch.cat([self.block(b) for b in range(first, last + 1)])
+        offset = first * BLOCK_ROWS
+        return blocks[start - offset : stop - offset]
+
+    def matrix(self, device: torch.device | str = "cpu") -> Tensor:
+        """The whole matrix P, shape (p, k), float32."""
+        device = torch.device(device)
+        if device in self._cache:
+            return self._cache[device]
+        full = self.rows(0, self.grad_dim).to(device)
+        if self._cacheable:
+            self._cache[device] = full
+        return full
+
+    def project(self, grads: Tensor, *, offset: int = 0) -> Tensor:
+        stop = offset + grads.shape[1]
+        if stop > self.grad_dim or offset < 0:
+            raise ConfigurationError(
+                f"coordinates {offset}:{stop} fall outside the gradient's "
+                f"{self.grad_dim} coordinates"
+            )
+        if self._cacheable:
+            part = self.matrix(grads.device)[offset:stop]
+        else:
+            part = self.rows(offset, stop).to(grads.device)
+        return grads @ part.to(grads.dtype)
+
+
+class IdentityProjector(Projector):
+    """No projection: the features are the gradients themselves (k = p)."""
+
+    kind = "identity"
+
+    def __init__(self, grad_dim: int, proj_dim: int | None = None, **_: object):
+        super().__init__(grad_dim, grad_dim, seed=0, model_id=0)
+
+    def project(self, grads: Tensor, *, offset: int = 0) -> Tensor:
+        out = grads.new_zeros(grads.shape[0], self.grad_dim)
+        out[:, offset : offset + grads.shape[1]] = grads
+        return out
+
+
+PROJECTORS = ("dense", "gaussian", "rademacher", "identity")
+
+
+def make_projector(
+    kind: str, grad_dim: int, proj_dim: int, *, seed: int, model_id: int
+) -> Projector:
+    """Build the projector named ``kind`` (see ``PROJECTORS``).
+
+    ``"dense"`` and ``"gaussian"`` are the dense Gaussian projector.
+
+    Raises:
+        ConfigurationError: The kind is unknown.
+    """
+    if kind in ("dense", "gaussian"):
+        return DenseProjector(grad_dim, proj_dim, seed=seed, model_id=model_id)
+    if kind == "rademacher":
+        return DenseProjector(
+            grad_dim, proj_dim, seed=seed, model_id=model_id, distribution=kind
+        )
+    if kind == "identity":
+        return IdentityProjector(grad_dim)
+    raise ConfigurationError(
+        f"unknown projector {kind!r}; use one of {', '.join(PROJECTORS)}"
+    )
