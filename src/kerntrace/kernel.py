@@ -3,7 +3,8 @@
 Φ is the (n, k) matrix of a checkpoint's train features. The kernel is
 accumulated in float64 from blocks of rows, so memory is bounded by the
 block size and k, not by n. It is factored by Cholesky; an explicit inverse
-is never formed.
+is never formed. The linear algebra runs in torch (float64), whose LAPACK is
+the same on every platform torch ships for.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
+import torch
 
 from .errors import NumericalError
 
@@ -45,11 +46,12 @@ def gram(features: np.ndarray, *, block_rows: int = 4096) -> np.ndarray:
         Shape (k, k), float64, symmetric.
     """
     k = features.shape[1]
-    total = np.zeros((k, k), dtype=np.float64)
+    total = torch.zeros((k, k), dtype=torch.float64)
     for start in range(0, features.shape[0], block_rows):
         block = np.asarray(features[start : start + block_rows], dtype=np.float64)
-        total += block.T @ block
-    return total
+        block = torch.from_numpy(block)
+        total.addmm_(block.T, block)
+    return total.numpy()
 
 
 @dataclass(frozen=True)
@@ -101,21 +103,28 @@ def factor(kernel: np.ndarray, damping: float, *, n: int) -> np.ndarray:
         NumericalError: The damped kernel is not positive definite.
     """
     k = kernel.shape[0]
-    damped = kernel + damping * np.eye(k)
+    damped = torch.from_numpy(np.asarray(kernel, dtype=np.float64)).clone()
+    damped.diagonal().add_(damping)
     cause = (
         f"with proj_dim k={k} ≥ n={n} train examples the kernel ΦᵀΦ has rank "
         "at most n and is singular"
         if k >= n
         else "duplicated or linearly dependent train examples make the kernel singular"
     )
-    try:
-        lower = scipy.linalg.cholesky(damped, lower=True, check_finite=True)
-    except (np.linalg.LinAlgError, ValueError) as error:
+    if not bool(torch.isfinite(damped).all()):
+        raise NumericalError(
+            "the kernel ΦᵀΦ holds NaN or infinity: some stored features are not "
+            "finite; featurize again with finite gradients (float32 storage if "
+            "float16 overflowed)"
+        )
+    lower, info = torch.linalg.cholesky_ex(damped)
+    if int(info) != 0:
         raise NumericalError(
             f"the kernel ΦᵀΦ + λI with λ={damping:g} is not positive definite "
-            f"({error}): {cause}; leave lambda_reg=None to choose λ "
-            "automatically, or set lambda_reg > 0"
-        ) from error
+            f"(Cholesky failed at pivot {int(info)}): {cause}; leave "
+            "lambda_reg=None to choose λ automatically, or set lambda_reg > 0"
+        )
+    lower = lower.numpy()
     pivots = np.diag(lower) ** 2
     if pivots.min() < 1e-12 * pivots.max():
         warnings.warn(
@@ -138,4 +147,5 @@ def solve(lower: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     Returns:
         Shape (k, T), float64.
     """
-    return scipy.linalg.cho_solve((lower, True), np.asarray(rhs, dtype=np.float64))
+    rhs = torch.from_numpy(np.asarray(rhs, dtype=np.float64))
+    return torch.cholesky_solve(rhs, torch.from_numpy(lower)).numpy()
