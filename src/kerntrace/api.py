@@ -198,7 +198,8 @@ class TRAKer:
                 "projector": projector,
                 "projector_seed": self.projector_seed,
                 "feature_dtype": dtype,
-                "parameters": self.layout.fingerprint(),
+                "parameters": list(self.layout.names),
+                "parameter_layout": self.layout.fingerprint(),
                 "num_parameters": self.layout.numel,
             },
         )
@@ -257,6 +258,9 @@ class TRAKer:
         relative = f"models/{int(model_id)}/checkpoint.json"
         recorded = self.store.read(relative)
         if recorded is not None and recorded["fingerprint"] != stamp:
+            if self._rows_done(int(model_id)) == 0:
+                recorded = None
+        if recorded is not None and recorded["fingerprint"] != stamp:
             raise StoreMismatchError(
                 f"model id {model_id} in {str(self.save_dir)!r} was featurized "
                 f"with another checkpoint (fingerprint {recorded['fingerprint']}, "
@@ -299,17 +303,20 @@ class TRAKer:
             )
         count = batch_size(batch)
         rows = _rows_of(inds, num_samples, count, self._cursor, self.train_set_size)
-        if num_samples is not None:
-            self._cursor += count
         arrays = self.store.train_rows(self._model_id)
         todo = np.flatnonzero(arrays.done[rows] == 0)
-        if todo.size == 0:
-            return
-        if todo.size < count:
-            batch = _take(batch, todo)
-        features, weights = self._featurizer(batch, rows[todo])
-        self.store.remove(f"models/{self._model_id}/kernel.json")
-        arrays.write(rows[todo], features.numpy(), weights.numpy())
+        if todo.size:
+            part = batch if todo.size == count else _take(batch, todo)
+            features, weights = self._featurizer(part, rows[todo])
+            self.store.remove(f"models/{self._model_id}/kernel.json")
+            arrays.write(rows[todo], features.numpy(), weights.numpy())
+        if num_samples is not None:
+            self._cursor += count
+
+    def _rows_done(self, model_id: int) -> int:
+        if not (self.store.model_dir(model_id) / "done.npy").exists():
+            return 0
+        return int(self.store.train_rows(model_id).done.sum())
 
     def finalize_features(
         self, model_ids: Sequence[int] | None = None, del_grads: bool = False
@@ -469,14 +476,14 @@ class TRAKer:
             )
         count = batch_size(batch)
         rows = _rows_of(inds, num_samples, count, state.cursor, state.num_targets)
-        if num_samples is not None:
-            state.cursor += count
         features, _ = state.featurizer(batch, rows)
         arrays = self.store.target_rows(
             state.exp_name, state.model_id, state.num_targets
         )
         self.store.remove(f"experiments/{state.exp_name}/scores.json")
         arrays.write(rows, features.numpy())
+        if num_samples is not None:
+            state.cursor += count
 
     def finalize_scores(
         self,
@@ -508,7 +515,15 @@ class TRAKer:
                 "start_scoring_checkpoint() and score() before finalize_scores()"
             )
         num_targets = int(info["num_targets"])
-        wanted = self._finalized_ids() if model_ids is None else list(model_ids)
+        finalized = self._finalized_ids()
+        wanted = finalized if model_ids is None else [int(i) for i in model_ids]
+        unknown = [i for i in wanted if i not in finalized]
+        if unknown:
+            raise OrderError(
+                f"model id(s) {unknown} have no finalized features in "
+                f"{str(self.save_dir)!r} (finalized: {finalized or 'none'}); "
+                "featurize them and call finalize_features() first"
+            )
         complete, incomplete = [], []
         for model_id in wanted:
             if self._targets_complete(exp_name, int(model_id), num_targets):

@@ -60,9 +60,23 @@ class DemoSettings:
     progress: bool = True
 
 
+def _tag(settings: DemoSettings) -> str:
+    """Names the cached files after the training recipe they depend on."""
+    return f"steps{settings.steps}-lr{LEARNING_RATE:g}"
+
+
 def _train(dataset: data.Dataset, *, seed: int, steps: int) -> torch.nn.Module:
-    model = models.mlp(WIDTHS, seed=seed)
-    return models.train_classifier(model, dataset.x, dataset.y, steps=steps, seed=seed)
+    # Tiny full-batch steps gain nothing from threads, and lose much to them
+    # on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = models.mlp(WIDTHS, seed=seed)
+        return models.train_classifier(
+            model, dataset.x, dataset.y, steps=steps, lr=LEARNING_RATE, seed=seed
+        )
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _checkpoints(train: data.Dataset, settings: DemoSettings) -> list[Path]:
@@ -70,7 +84,7 @@ def _checkpoints(train: data.Dataset, settings: DemoSettings) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for model_id in range(settings.checkpoints):
-        path = folder / f"model_{model_id}_steps{settings.steps}_lr{LEARNING_RATE}.pt"
+        path = folder / f"model_{model_id}_{_tag(settings)}.pt"
         if not path.exists():
             model = _train(train, seed=model_id, steps=settings.steps)
             tmp = path.with_suffix(".tmp")
@@ -89,7 +103,7 @@ def _batches(dataset: data.Dataset, size: int = 200) -> list[tuple[torch.Tensor,
 def _attribute(
     train: data.Dataset, test: data.Dataset, paths: list[Path], settings: DemoSettings
 ) -> Scores:
-    store = settings.out / f"store-k{settings.proj_dim}"
+    store = settings.out / f"store-{_tag(settings)}-k{settings.proj_dim}"
     traker = TRAKer(
         models.mlp(WIDTHS),
         "image_classification",
@@ -126,7 +140,7 @@ def _lds(
     def eval_fn(model: torch.nn.Module) -> np.ndarray:
         return models.margins(model, test.x, test.y)
 
-    cache = settings.out / f"retrain-steps{settings.steps}-lr{LEARNING_RATE}"
+    cache = settings.out / f"retrain-{_tag(settings)}"
     outputs = evaluate.retrain(
         train_fn, masks, eval_fn, cache, progress=settings.progress
     )
@@ -151,7 +165,7 @@ def _describe(
         stream.write(f"\ntest digit #{target} (label {test.y[target]}):\n")
         for name, ranking in (("proponents", proponents), ("opponents ", opponents)):
             cells = "  ".join(
-                f"#{i} ({train.y[i]}) {s:+.3f}"
+                f"#{i} ({train.y[i]}) {s:+.2e}"
                 for i, s in zip(ranking.indices, ranking.scores, strict=True)
             )
             stream.write(f"  top {name}: {cells}\n")

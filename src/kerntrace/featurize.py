@@ -69,8 +69,9 @@ class Featurizer:
                 not finite.
 
         Returns:
-            ``(features, weights)``: shapes (B, k) and (B,), float32 on the
-            CPU.
+            ``(features, weights)``: shapes (B, k) and (B,) on the CPU;
+            features float64 for a float64 model, else float32; weights
+            float32.
 
         Raises:
             NonFiniteGradientError: Some example's gradient or weight is NaN
@@ -95,6 +96,9 @@ class Featurizer:
                     "was written"
                 )
             projected = self.projector.project(grads)
-            features.append(projected.float().cpu())
+            wide = projected.dtype == torch.float64
+            features.append(
+                projected.to(torch.float64 if wide else torch.float32).cpu()
+            )
             weights.append(weight.float().cpu())
         return torch.cat(features), torch.cat(weights)

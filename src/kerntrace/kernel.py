@@ -147,5 +147,6 @@ def solve(lower: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     Returns:
         Shape (k, T), float64.
     """
-    rhs = torch.from_numpy(np.asarray(rhs, dtype=np.float64))
+    # A copy: torch warns on read-only arrays such as the store's memmaps.
+    rhs = torch.from_numpy(np.array(rhs, dtype=np.float64))
     return torch.cholesky_solve(rhs, torch.from_numpy(lower)).numpy()

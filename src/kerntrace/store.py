@@ -155,6 +155,16 @@ class RowArrays:
         return np.flatnonzero(self.done == 0)
 
 
+def _difference(key: str, stored: Any, given: Any) -> str:
+    if isinstance(stored, list) and isinstance(given, list):
+        only_stored = [v for v in stored if v not in given][:5]
+        only_given = [v for v in given if v not in stored][:5]
+        return (
+            f"{key}: only the store has {only_stored}, only this run has {only_given}"
+        )
+    return f"{key}: the store has {stored!r}, this run has {given!r}"
+
+
 def check_name(name: str, what: str) -> str:
     """Refuse names that are unsafe as a directory name."""
     if not isinstance(name, str) or not _NAME.match(name):
@@ -189,8 +199,7 @@ class Store:
             logger.info("created store %s", self.path)
             return
         differ = [
-            f"{key}: the store has {recorded.get(key)!r}, this run has "
-            f"{self.settings.get(key)!r}"
+            _difference(key, recorded.get(key), self.settings.get(key))
             for key in sorted(set(recorded) | set(self.settings))
             if recorded.get(key) != self.settings.get(key)
         ]

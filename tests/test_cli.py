@@ -1,0 +1,174 @@
+"""Tests of the ``kerntrace`` command and of the public names."""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import kerntrace
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+
+
+def run(*arguments: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kerntrace.cli", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+    )
+
+
+def stamps(folder: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(folder)): p.stat().st_mtime_ns
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def png_images(html: str) -> list[bytes]:
+    found = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)
+    return [base64.b64decode(text) for text in found]
+
+
+def test_demo_quick_writes_a_report_and_reuses_its_cache_on_a_second_run(tmp_path):
+    out = tmp_path / "demo"
+
+    first = run("demo", "--quick", "--quiet", "--out", str(out), timeout=600)
+
+    assert first.returncode == 0, first.stderr
+    assert re.search(
+        r"LDS over 6 retrained half-subsets: -?\d\.\d{3} \(95% CI", first.stdout
+    ), first.stdout
+    assert "top proponents" in first.stdout
+    page = (out / "report.html").read_text()
+    sections = re.split(r'<section class="target" id="target-\d+">', page)[1:]
+    assert len(sections) == 3
+    for section in sections:
+        proponents = section.split('<div class="proponents">')[1]
+        proponents, opponents = proponents.split('<div class="opponents">')
+        assert len(png_images(section)) >= 11  # the target, 5 + 5 train digits
+        assert len(png_images(proponents)) == 5
+        assert len(png_images(opponents)) == 5
+    assert all(image.startswith(PNG_MAGIC) for image in png_images(page))
+
+    (retrain_dir,) = out.glob("retrain-*")
+    (store_dir,) = out.glob("store-*")
+    checkpoints = stamps(out / "checkpoints")
+    retrained = stamps(retrain_dir)
+    train_features = {
+        name: stamp
+        for name, stamp in stamps(store_dir / "models").items()
+        if name.endswith(("features.npy", "cholesky.npy", "out_to_loss.npy"))
+    }
+    assert len(checkpoints) == 2
+    assert len([n for n in retrained if n.startswith("subset_")]) == 6
+
+    second = run("demo", "--quick", "--quiet", "--out", str(out), timeout=600)
+
+    assert second.returncode == 0, second.stderr
+    assert stamps(out / "checkpoints") == checkpoints
+    assert sorted(out.glob("retrain-*")) == [retrain_dir]
+    after = stamps(retrain_dir)
+    assert {n: after[n] for n in retrained if n.startswith("subset_")} == {
+        n: s for n, s in retrained.items() if n.startswith("subset_")
+    }
+    models = stamps(store_dir / "models")
+    assert {n: models[n] for n in train_features} == train_features
+    lds_line = [line for line in first.stdout.splitlines() if "LDS" in line]
+    assert lds_line and lds_line[0] in second.stdout
+
+
+def test_help_lists_the_demo_command():
+    done = run("--help")
+
+    assert done.returncode == 0, done.stderr
+    assert "demo" in done.stdout
+    assert done.stdout.startswith("usage: kerntrace")
+
+
+def test_demo_help_lists_its_options():
+    done = run("demo", "--help")
+
+    assert done.returncode == 0, done.stderr
+    for option in ("--out", "--quick", "--quiet", "--checkpoints", "--proj-dim"):
+        assert option in done.stdout
+
+
+def test_console_script_is_installed():
+    script = shutil.which("kerntrace", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("the kerntrace console script is not installed beside python")
+
+    done = subprocess.run(
+        [script, "--help"], capture_output=True, text=True, timeout=60, env=ENV
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "demo" in done.stdout
+
+
+def test_unknown_command_exits_with_usage_error():
+    done = run("frobnicate")
+
+    assert done.returncode == 2
+    assert "invalid choice: 'frobnicate'" in done.stderr
+
+
+# -- M6: public names ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", kerntrace.__all__)
+def test_every_public_name_imports(name):
+    namespace: dict[str, object] = {}
+    exec(f"from kerntrace import {name}", namespace)
+
+    assert namespace[name] is getattr(kerntrace, name)
+
+
+def test_star_import_gives_exactly_the_public_names():
+    namespace: dict[str, object] = {}
+    exec("from kerntrace import *", namespace)
+
+    assert set(kerntrace.__all__) <= set(namespace)
+    assert len(kerntrace.__all__) == len(set(kerntrace.__all__))
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "api",
+        "checkpoints",
+        "cli",
+        "data",
+        "demo",
+        "errors",
+        "evaluate",
+        "featurize",
+        "gradients",
+        "kernel",
+        "models",
+        "outputs",
+        "projection",
+        "report",
+        "scoring",
+        "store",
+    ],
+)
+def test_every_module_exports_what_it_lists(module):
+    loaded = importlib.import_module(f"kerntrace.{module}")
+
+    missing = [name for name in loaded.__all__ if not hasattr(loaded, name)]
+
+    assert missing == []
