@@ -129,12 +129,14 @@ class TRAKer:
         train_set_size: n, the number of train examples.
         save_dir: The store directory; an existing store is reopened and must
             have been made with the same settings.
-        proj_dim: k, the number of features per example.
+        proj_dim: k, the number of features per example. ``None`` takes
+            2048, or the number of parameters p if that is smaller.
         projector: ``"dense"`` (Gaussian), ``"rademacher"`` or ``"identity"``.
         projector_seed: Seed of the random projection.
-        lambda_reg: The damping λ. ``None`` chooses it per checkpoint as the
-            mean non-zero eigenvalue of ΦᵀΦ (see ``kernel.choose_damping``)
-            and logs it; a number is used as given.
+        lambda_reg: The damping λ. ``None`` chooses it per checkpoint as
+            0.3 times the mean squared feature norm, tr(ΦᵀΦ)/n (see
+            ``kernel.choose_damping``), and logs it; a number is used as
+            given.
         grad_wrt: Parameter or module names to differentiate; ``None`` takes
             every parameter with ``requires_grad=True``.
         use_half_precision: Store features in float16 (the solve stays in
@@ -152,7 +154,7 @@ class TRAKer:
         train_set_size: int,
         save_dir: str | os.PathLike[str] = "./trak_results",
         *,
-        proj_dim: int = DEFAULT_PROJ_DIM,
+        proj_dim: int | None = None,
         projector: str = "dense",
         projector_seed: int = 0,
         lambda_reg: float | None = None,
@@ -167,7 +169,8 @@ class TRAKer:
                 f"model must be a torch.nn.Module, got {type(model).__name__}"
             )
         self.train_set_size = _positive_int(train_set_size, "train_set_size")
-        self.proj_dim = _positive_int(proj_dim, "proj_dim")
+        if proj_dim is not None:
+            _positive_int(proj_dim, "proj_dim")
         if lambda_reg is not None and not (float(lambda_reg) >= 0):
             raise ConfigurationError(
                 f"lambda_reg must be None (automatic) or a number ≥ 0, got "
@@ -186,9 +189,22 @@ class TRAKer:
         self.projector_seed = int(projector_seed)
         self.lambda_reg = None if lambda_reg is None else float(lambda_reg)
         self.memory_bytes = memory_bytes
-        make_projector(projector, 1, self.proj_dim, seed=0, model_id=0)
+        make_projector(projector, 1, 1, seed=0, model_id=0)
         if projector == "identity":
             self.proj_dim = self.layout.numel
+        elif proj_dim is None:
+            self.proj_dim = min(DEFAULT_PROJ_DIM, self.layout.numel)
+        else:
+            self.proj_dim = int(proj_dim)
+        if self.lambda_reg == 0 and self.proj_dim >= self.train_set_size:
+            warnings.warn(
+                f"lambda_reg=0 with proj_dim={self.proj_dim} ≥ train_set_size="
+                f"{self.train_set_size}: the kernel ΦᵀΦ is singular and the "
+                "scores would be noise; leave lambda_reg=None to choose the "
+                "damping automatically",
+                kernel.IllConditionedWarning,
+                stacklevel=2,
+            )
         self.store = Store(
             save_dir,
             {

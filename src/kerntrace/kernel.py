@@ -22,6 +22,7 @@ __all__ = [
     "gram",
     "Damping",
     "choose_damping",
+    "DAMPING_FRACTION",
     "factor",
     "solve",
     "IllConditionedWarning",
@@ -67,13 +68,25 @@ class Damping:
     rule: str
 
 
-def choose_damping(kernel: np.ndarray, n: int) -> Damping:
-    """Choose λ from the spectrum scale of an undamped kernel.
+DAMPING_FRACTION = 0.3
 
-    The rule is λ = tr(ΦᵀΦ) / min(n, k): the mean of the kernel's non-zero
-    eigenvalues. It scales with the features (multiplying the outputs by c
-    multiplies λ by c²), does not shrink as k grows past n, and keeps the
-    kernel well conditioned when k ≥ n, where ΦᵀΦ is singular.
+
+def choose_damping(kernel: np.ndarray, n: int) -> Damping:
+    """Choose λ as a fixed fraction of the mean squared feature norm.
+
+    The rule is λ = 0.3 · tr(ΦᵀΦ) / n = 0.3 · mean_i ‖φ(z_i)‖², the mean
+    diagonal entry of the n × n Gram matrix ΦΦᵀ. Because a projection keeps
+    squared norms in expectation, this λ does not change with k, so the
+    kernel stays well conditioned when k ≥ n (where ΦᵀΦ is singular) and
+    scores settle as k grows. It scales with the features: multiplying the
+    model output by c multiplies λ by c², which leaves the scores unchanged.
+
+    The fraction 0.3 comes from the LDS of MLPs on scikit-learn's digits
+    (1,200 train, 597 targets, 50 retrained half-subsets): it was best, at
+    the top of a flat optimum from 0.2 to 0.5, for k = 512 and k = 2,048 and
+    for 1 and 5 checkpoints. At k = 2,048 with 5 checkpoints the fractions
+    0.05, 0.1, 0.2, 0.3, 0.5 and 1 gave LDS 0.564, 0.596, 0.614, 0.617,
+    0.613 and 0.594; λ = 0 gives noise there, since k > n.
 
     Args:
         kernel: ΦᵀΦ, shape (k, k), float64.
@@ -82,10 +95,8 @@ def choose_damping(kernel: np.ndarray, n: int) -> Damping:
     Returns:
         The damping chosen.
     """
-    k = kernel.shape[0]
-    rank_bound = max(1, min(n, k))
-    value = float(np.trace(kernel)) / rank_bound
-    return Damping(value=value, rule="mean-eigenvalue")
+    value = DAMPING_FRACTION * float(np.trace(kernel)) / max(1, n)
+    return Damping(value=value, rule=f"{DAMPING_FRACTION:g}·mean squared norm")
 
 
 def factor(kernel: np.ndarray, damping: float, *, n: int) -> np.ndarray:
