@@ -1,11 +1,12 @@
 """kerntrace: which training examples caused each prediction of a model (TRAK).
 
-The step-by-step workflow is ``TRAKer``; ``attribute`` does it in one call.
+The step-by-step workflow is ``TRAKer``; ``attribute`` does it in one call,
+and ``audit`` ranks the train examples by self-influence.
 """
 
 from __future__ import annotations
 
-from .api import TRAKer, attribute
+from .api import TRAKer, attribute, audit
 from .errors import (
     BatchError,
     CheckpointFormatError,
@@ -20,14 +21,16 @@ from .errors import (
 )
 from .kernel import IllConditionedWarning
 from .outputs import ClassificationTask, RegressionTask, Task
-from .scoring import Ranking, Scores, TargetScores
+from .scoring import Audit, Ranking, Scores, TargetScores
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TRAKer",
     "attribute",
+    "audit",
     "Scores",
+    "Audit",
     "TargetScores",
     "Ranking",
     "Task",

@@ -34,10 +34,10 @@ from .featurize import Featurizer
 from .gradients import batch_size, select_parameters
 from .outputs import Task, get_task
 from .projection import Projector, make_projector
-from .scoring import Scores, ensemble_scores
+from .scoring import Audit, Scores, ensemble_scores, self_scores
 from .store import Store, open_array, save_array
 
-__all__ = ["TRAKer", "attribute", "DEFAULT_PROJ_DIM"]
+__all__ = ["TRAKer", "attribute", "audit", "DEFAULT_PROJ_DIM"]
 
 logger = logging.getLogger(__name__)
 
@@ -402,6 +402,60 @@ class TRAKer:
             self.proj_dim,
         )
 
+    # -- self-influence ---------------------------------------------------
+
+    def self_scores(self, model_ids: Sequence[int] | None = None) -> np.ndarray:
+        """Self-influence τ(z_i, z_i) of every train example.
+
+        It averages φ_m(z_i)ᵀ(Φ_mᵀΦ_m + λ_m I)⁻¹φ_m(z_i) over the checkpoints
+        and multiplies by the averaged loss weight, like ``finalize_scores``
+        with each train example as its own target. High values flag examples
+        the model fits only by memorizing them, such as mislabelled ones.
+        The result is saved as ``self_scores.npy`` in the store.
+
+        Args:
+            model_ids: Checkpoints to average; default every finalized one.
+
+        Returns:
+            Shape (n_train,), float64, non-negative.
+
+        Raises:
+            OrderError: No checkpoint, or one of ``model_ids``, has finalized
+                features.
+        """
+        finalized = self._finalized_ids()
+        wanted = finalized if model_ids is None else [int(i) for i in model_ids]
+        unknown = [i for i in wanted if i not in finalized]
+        if not wanted or unknown:
+            raise OrderError(
+                f"self_scores() needs finalized features, but model id(s) "
+                f"{unknown or 'any'} have none in {str(self.save_dir)!r} "
+                f"(finalized: {finalized or 'none'}); featurize the train set and "
+                "call finalize_features() first"
+            )
+        features, lowers, dampings = [], [], {}
+        weights = np.zeros(self.train_set_size, dtype=np.float64)
+        for model_id in wanted:
+            train = self.store.train_rows(model_id, writable=False)
+            features.append(train.features)
+            weights += train.weights
+            lowers.append(np.load(self.store.model_dir(model_id) / "cholesky.npy"))
+            info = self.store.read(f"models/{model_id}/kernel.json")
+            dampings[model_id] = info["damping"]
+        values = self_scores(features, lowers, weights / len(wanted))
+        path = self.store.path / "self_scores.npy"
+        save_array(path, values)
+        self.store.write("self_scores.json", {"model_ids": wanted})
+        self.damping = dampings
+        logger.info(
+            "self-influence of %d train examples averaged over model ids %s "
+            "written to %s",
+            self.train_set_size,
+            wanted,
+            path,
+        )
+        return values
+
     # -- scoring ----------------------------------------------------------
 
     def start_scoring_checkpoint(
@@ -645,6 +699,36 @@ def _count(batches: Iterable[Any], what: str) -> int:
     return total
 
 
+def _featurized(
+    model: nn.Module,
+    checkpoints: list[Any],
+    train: Iterable[Any],
+    *,
+    task: str | Task,
+    save_dir: str | os.PathLike[str],
+    progress: bool,
+    options: dict[str, Any],
+) -> TRAKer:
+    """A ``TRAKer`` whose train features are computed and finalized."""
+    n_train = _count(train, "train")
+    traker = TRAKer(model, task, n_train, save_dir, **options)
+    for model_id, checkpoint in enumerate(checkpoints):
+        traker.load_checkpoint(checkpoint, model_id=model_id)
+        for batch in tqdm(
+            train, desc=f"featurize {model_id}", disable=not progress, leave=False
+        ):
+            traker.featurize(batch, num_samples=batch_size(batch))
+    traker.finalize_features()
+    return traker
+
+
+def _checkpoint_list(checkpoints: Sequence[Any]) -> list[Any]:
+    checkpoints = list(checkpoints)
+    if not checkpoints:
+        raise ConfigurationError("checkpoints is empty; pass at least one")
+    return checkpoints
+
+
 def attribute(
     model: nn.Module,
     checkpoints: Sequence[Any],
@@ -675,9 +759,7 @@ def attribute(
     Returns:
         The scores, shape (n_train, n_targets).
     """
-    checkpoints = list(checkpoints)
-    if not checkpoints:
-        raise ConfigurationError("checkpoints is empty; pass at least one")
+    checkpoints = _checkpoint_list(checkpoints)
     if save_dir is None:
         with tempfile.TemporaryDirectory(prefix="kerntrace-") as tmp:
             result = attribute(
@@ -692,16 +774,16 @@ def attribute(
                 **options,
             )
             return Scores(result.to_numpy(), result.model_ids, result.damping)
-    n_train = _count(train, "train")
     n_targets = _count(targets, "targets")
-    traker = TRAKer(model, task, n_train, save_dir, **options)
-    for model_id, checkpoint in enumerate(checkpoints):
-        traker.load_checkpoint(checkpoint, model_id=model_id)
-        for batch in tqdm(
-            train, desc=f"featurize {model_id}", disable=not progress, leave=False
-        ):
-            traker.featurize(batch, num_samples=batch_size(batch))
-    traker.finalize_features()
+    traker = _featurized(
+        model,
+        checkpoints,
+        train,
+        task=task,
+        save_dir=save_dir,
+        progress=progress,
+        options=options,
+    )
     for model_id, checkpoint in enumerate(checkpoints):
         traker.start_scoring_checkpoint(exp_name, checkpoint, model_id, n_targets)
         for batch in tqdm(
@@ -714,4 +796,66 @@ def attribute(
         tuple(range(len(checkpoints))),
         dict(traker.damping),
         Path(traker.save_dir),
+    )
+
+
+def audit(
+    model: nn.Module,
+    checkpoints: Sequence[Any],
+    train: Iterable[Any],
+    *,
+    task: str | Task = "image_classification",
+    save_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> Audit:
+    """Rank the train examples by self-influence, most suspicious first.
+
+    Featurizes and finalizes like ``attribute``, then scores each train
+    example as its own target (``TRAKer.self_scores``). Mislabelled and
+    otherwise atypical examples come first.
+
+    Args:
+        model: The network; each checkpoint is loaded into it in turn.
+        checkpoints: State dicts, modules, or ``.pt`` / ``.safetensors`` paths.
+        train: Re-iterable batches of train examples, in a fixed order, with
+            the labels the model was trained on.
+        task: Task name or object.
+        save_dir: Store directory; a temporary one (deleted afterwards) if
+            ``None``.
+        progress: Show progress bars.
+        **options: Passed to ``TRAKer`` (``proj_dim``, ``lambda_reg``, …).
+
+    Returns:
+        The audit: ``self_scores`` (n_train,) float64, ``ranking`` (n_train,)
+        int64 and ``top(k)``.
+    """
+    checkpoints = _checkpoint_list(checkpoints)
+    if save_dir is None:
+        with tempfile.TemporaryDirectory(prefix="kerntrace-") as tmp:
+            result = audit(
+                model,
+                checkpoints,
+                train,
+                task=task,
+                save_dir=tmp,
+                progress=progress,
+                **options,
+            )
+            return Audit.from_self_scores(
+                result.self_scores, result.model_ids, result.damping
+            )
+    traker = _featurized(
+        model,
+        checkpoints,
+        train,
+        task=task,
+        save_dir=save_dir,
+        progress=progress,
+        options=options,
+    )
+    ids = list(range(len(checkpoints)))
+    values = traker.self_scores(model_ids=ids)
+    return Audit.from_self_scores(
+        values, tuple(ids), dict(traker.damping), Path(traker.save_dir)
     )

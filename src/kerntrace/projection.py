@@ -23,6 +23,7 @@ from .errors import ConfigurationError
 __all__ = [
     "Projector",
     "DenseProjector",
+    "SparseProjector",
     "IdentityProjector",
     "make_projector",
     "PROJECTORS",
@@ -34,10 +35,26 @@ logger = logging.getLogger(__name__)
 BLOCK_ROWS = 1024
 
 
-def block_seed(seed: int, model_id: int, block: int) -> int:
-    """A 63-bit generator seed for one block of the projection matrix."""
-    state = np.random.SeedSequence([seed, model_id, block]).generate_state(2)
+_SPARSE_SALT = 1
+
+
+def block_seed(seed: int, model_id: int, block: int, *, salt: int = 0) -> int:
+    """A 63-bit generator seed for one block of a projection matrix."""
+    entropy = [seed, model_id, block] + ([salt] if salt else [])
+    state = np.random.SeedSequence(entropy).generate_state(2)
     return int((int(state[0]) << 32 | int(state[1])) & ((1 << 63) - 1))
+
+
+def _blocks(grad_dim: int) -> int:
+    return (grad_dim + BLOCK_ROWS - 1) // BLOCK_ROWS
+
+
+def _check_slice(offset: int, stop: int, grad_dim: int) -> None:
+    if offset < 0 or stop > grad_dim:
+        raise ConfigurationError(
+            f"coordinates {offset}:{stop} fall outside the gradient's {grad_dim} "
+            "coordinates"
+        )
 
 
 class Projector(ABC):
@@ -139,16 +156,73 @@ class DenseProjector(Projector):
 
     def project(self, grads: Tensor, *, offset: int = 0) -> Tensor:
         stop = offset + grads.shape[1]
-        if stop > self.grad_dim or offset < 0:
-            raise ConfigurationError(
-                f"coordinates {offset}:{stop} fall outside the gradient's "
-                f"{self.grad_dim} coordinates"
-            )
+        _check_slice(offset, stop, self.grad_dim)
         if self._cacheable:
             part = self.matrix(grads.device)[offset:stop]
         else:
             part = self.rows(offset, stop).to(grads.device)
         return grads @ part.to(grads.dtype)
+
+
+class SparseProjector(Projector):
+    """A sparse Johnson–Lindenstrauss projection (a CountSketch for s = 1).
+
+    Each gradient coordinate is sent to ``nonzeros`` output coordinates,
+    drawn at random, with random signs and weight 1/√s, so E‖φ‖² = ‖g‖² and
+    the cost is s multiply-adds per coordinate instead of k.
+
+    Args:
+        nonzeros: s, the output coordinates each input coordinate feeds.
+    """
+
+    def __init__(
+        self,
+        grad_dim: int,
+        proj_dim: int,
+        *,
+        seed: int,
+        model_id: int,
+        nonzeros: int = 4,
+    ) -> None:
+        super().__init__(grad_dim, proj_dim, seed=seed, model_id=model_id)
+        if not 1 <= nonzeros <= proj_dim:
+            raise ConfigurationError(
+                f"nonzeros must lie in 1..proj_dim={proj_dim}, got {nonzeros}"
+            )
+        self.nonzeros = nonzeros
+        self.kind = f"sparse-{nonzeros}"
+        self._cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def block(self, index: int) -> tuple[Tensor, Tensor]:
+        """Buckets (rows, s) int64 and signed weights (rows, s) float32."""
+        start = index * BLOCK_ROWS
+        rows = min(BLOCK_ROWS, self.grad_dim - start)
+        generator = torch.Generator().manual_seed(
+            block_seed(self.seed, self.model_id, index, salt=_SPARSE_SALT)
+        )
+        shape = (rows, self.nonzeros)
+        buckets = torch.randint(0, self.proj_dim, shape, generator=generator)
+        signs = torch.randint(0, 2, shape, generator=generator).float()
+        weights = signs.mul_(2).sub_(1).mul_(1.0 / math.sqrt(self.nonzeros))
+        return buckets, weights
+
+    def _all(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._cache:
+            blocks = [self.block(b) for b in range(_blocks(self.grad_dim))]
+            buckets = torch.cat([b for b, _ in blocks]).to(device)
+            weights = torch.cat([w for _, w in blocks]).to(device)
+            self._cache[device] = (buckets, weights)
+        return self._cache[device]
+
+    def project(self, grads: Tensor, *, offset: int = 0) -> Tensor:
+        stop = offset + grads.shape[1]
+        _check_slice(offset, stop, self.grad_dim)
+        buckets, weights = self._all(grads.device)
+        buckets = buckets[offset:stop].reshape(-1)
+        weights = weights[offset:stop].to(grads.dtype)
+        spread = (grads.unsqueeze(-1) * weights).reshape(grads.shape[0], -1)
+        out = grads.new_zeros(grads.shape[0], self.proj_dim)
+        return out.index_add_(1, buckets, spread)
 
 
 class IdentityProjector(Projector):
@@ -165,7 +239,7 @@ class IdentityProjector(Projector):
         return out
 
 
-PROJECTORS = ("dense", "gaussian", "rademacher", "identity")
+PROJECTORS = ("dense", "gaussian", "rademacher", "sparse", "identity")
 
 
 def make_projector(
@@ -173,7 +247,8 @@ def make_projector(
 ) -> Projector:
     """Build the projector named ``kind`` (see ``PROJECTORS``).
 
-    ``"dense"`` and ``"gaussian"`` are the dense Gaussian projector.
+    ``"dense"`` and ``"gaussian"`` are the dense Gaussian projector;
+    ``"sparse"`` is the sparse JL projector with 4 non-zeros per coordinate.
 
     Raises:
         ConfigurationError: The kind is unknown.
@@ -184,6 +259,8 @@ def make_projector(
         return DenseProjector(
             grad_dim, proj_dim, seed=seed, model_id=model_id, distribution=kind
         )
+    if kind == "sparse":
+        return SparseProjector(grad_dim, proj_dim, seed=seed, model_id=model_id)
     if kind == "identity":
         return IdentityProjector(grad_dim)
     raise ConfigurationError(
