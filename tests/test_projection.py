@@ -298,7 +298,8 @@ def test_make_projector_kinds():
     assert make_projector("rademacher", 5, 3, seed=0, model_id=0).kind == (
         "dense-rademacher"
     )
-    with pytest.raises(ConfigurationError, match="unknown projector 'sparse'"):
-        make_projector("sparse", 5, 3, seed=0, model_id=0)
+    assert make_projector("sparse", 5, 3, seed=0, model_id=0).kind == "sparse-3"
+    with pytest.raises(ConfigurationError, match="unknown projector 'sketchy'"):
+        make_projector("sketchy", 5, 3, seed=0, model_id=0)
     with pytest.raises(ConfigurationError, match="proj_dim must be at least 1"):
         DenseProjector(5, 0, seed=0, model_id=0)

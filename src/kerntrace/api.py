@@ -30,10 +30,11 @@ from .errors import (
     OrderError,
     StoreMismatchError,
 )
+from .factorized import FactorizedProjector, factorized_share
 from .featurize import Featurizer
 from .gradients import batch_size, select_parameters
 from .outputs import Task, get_task
-from .projection import Projector, make_projector
+from .projection import PROJECTORS, Projector, make_projector
 from .scoring import Audit, Scores, ensemble_scores, self_scores
 from .store import Store, open_array, save_array
 
@@ -185,17 +186,25 @@ class TRAKer:
         self.model = model.to(self.device)
         self.task = get_task(task)
         self.layout = select_parameters(model, grad_wrt)
-        self.projector_kind = projector
         self.projector_seed = int(projector_seed)
         self.lambda_reg = None if lambda_reg is None else float(lambda_reg)
         self.memory_bytes = memory_bytes
-        make_projector(projector, 1, 1, seed=0, model_id=0)
+        kinds = (*PROJECTORS, "factorized", "auto")
+        if projector not in kinds:
+            raise ConfigurationError(
+                f"unknown projector {projector!r}; use one of {', '.join(kinds)}"
+            )
         if projector == "identity":
             self.proj_dim = self.layout.numel
         elif proj_dim is None:
             self.proj_dim = min(DEFAULT_PROJ_DIM, self.layout.numel)
         else:
             self.proj_dim = int(proj_dim)
+        self._requested_dim = self.proj_dim
+        projector = self._choose_projector(projector)
+        self.projector_kind = projector
+        if projector == "factorized":
+            self.proj_dim = self._projector(0).proj_dim
         if self.lambda_reg == 0 and self.proj_dim >= self.train_set_size:
             warnings.warn(
                 f"lambda_reg=0 with proj_dim={self.proj_dim} ≥ train_set_size="
@@ -240,7 +249,38 @@ class TRAKer:
 
     # -- featurizing ------------------------------------------------------
 
-    def _projector(self, model_id: int) -> Projector:
+    def _choose_projector(self, requested: str) -> str:
+        if requested != "auto":
+            return requested
+        share = factorized_share(self.model, self.layout)
+        dense_bytes = 4 * self.layout.numel * self.proj_dim
+        if share >= 0.5:
+            chosen = "factorized"
+        elif dense_bytes > 1 << 30:
+            chosen = "sparse"
+        else:
+            chosen = "dense"
+        logger.info(
+            "projector 'auto' chose %r: %.0f%% of the parameters are in Linear, "
+            "Conv2d or Embedding layers, a dense matrix would take %.0f MiB",
+            chosen,
+            100 * share,
+            dense_bytes / 2**20,
+        )
+        return chosen
+
+    def _projector(self, model_id: int) -> Projector | FactorizedProjector:
+        if self.projector_kind == "factorized":
+            projector = FactorizedProjector(
+                self.model,
+                self.layout,
+                self._requested_dim,
+                seed=self.projector_seed,
+                model_id=model_id,
+            )
+            if model_id == 0:
+                logger.info("factorized projection: %s", projector.describe())
+            return projector
         return make_projector(
             self.projector_kind,
             self.layout.numel,

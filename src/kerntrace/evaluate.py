@@ -4,6 +4,9 @@ LDS (Park et al. 2023, eq. 5): for random train subsets S_1..S_s and a
 target z', correlate (Spearman, across subsets) the predicted output
 Σ_{i∈S_j} τ(z', z_i) with the output of a model retrained on S_j; average
 over targets.
+
+Detection AUC: how well a suspicion score (such as self-influence) ranks
+known mislabelled train examples ahead of the others.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from tqdm.auto import tqdm
 from .errors import ConfigurationError
 from .store import save_array, write_json
 
-__all__ = ["LDS", "lds", "make_subsets", "retrain"]
+__all__ = ["LDS", "lds", "make_subsets", "retrain", "detection_auc"]
 
 logger = logging.getLogger(__name__)
 
@@ -191,3 +194,59 @@ def retrain(
     write_json(cache / "retrain.json", {"n_subsets": int(masks.shape[0])})
     logger.info("retrained outputs of %d subsets in %s", masks.shape[0], cache)
     return np.stack(results)
+
+
+def detection_auc(suspicion: np.ndarray, is_mislabelled: np.ndarray) -> float:
+    """ROC AUC of ranking the mislabelled examples first by suspicion.
+
+    It is the Mann–Whitney U statistic divided by n_pos · n_neg: the chance
+    that a random mislabelled example is more suspicious than a random clean
+    one, ties counting one half (ranks of tied values are averaged).
+
+    Args:
+        suspicion: Shape (n,), real; higher means more suspicious.
+        is_mislabelled: Shape (n,), bool (or 0/1 integers): the truth.
+
+    Returns:
+        The AUC in [0, 1]: 1 when every mislabelled example ranks first, 0.5
+        for a random or constant suspicion, 0 when they all rank last.
+
+    Raises:
+        ConfigurationError: The shapes differ or are not 1-d, the suspicion
+            is not finite, the truth is not boolean, or it holds only one
+            class.
+    """
+    suspicion = np.asarray(suspicion)
+    truth = np.asarray(is_mislabelled)
+    if suspicion.ndim != 1 or truth.shape != suspicion.shape:
+        raise ConfigurationError(
+            f"suspicion and is_mislabelled must both have shape (n,), got "
+            f"{suspicion.shape} and {truth.shape}"
+        )
+    if not np.issubdtype(suspicion.dtype, np.number) or not np.all(
+        np.isfinite(suspicion)
+    ):
+        raise ConfigurationError(
+            "suspicion must hold finite real numbers; it has NaN, infinity or "
+            f"non-numbers (dtype {suspicion.dtype})"
+        )
+    if truth.dtype != np.bool_:
+        if (
+            not np.issubdtype(truth.dtype, np.integer)
+            or not np.isin(truth, (0, 1)).all()
+        ):
+            raise ConfigurationError(
+                f"is_mislabelled must be boolean (or 0/1), got dtype {truth.dtype}"
+                f" with values {np.unique(truth)[:5]}"
+            )
+        truth = truth.astype(bool)
+    positives = int(truth.sum())
+    negatives = truth.size - positives
+    if positives == 0 or negatives == 0:
+        raise ConfigurationError(
+            f"the AUC needs both mislabelled and clean examples, got {positives} "
+            f"mislabelled and {negatives} clean"
+        )
+    ranks = scipy.stats.rankdata(suspicion.astype(np.float64))
+    u_statistic = ranks[truth].sum() - positives * (positives + 1) / 2
+    return float(u_statistic / (positives * negatives))

@@ -15,10 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from .errors import NonFiniteGradientError
+from .factorized import FactorizedProjector
 from .gradients import (
     ParameterLayout,
     PerExampleGradients,
     batch_size,
+    check_independent_examples,
     prepare_batch,
     slice_batch,
 )
@@ -37,7 +39,9 @@ class Featurizer:
         model: The network, with the checkpoint loaded.
         task: What output is attributed.
         layout: The selected parameters.
-        projector: Maps gradients to k features.
+        projector: Maps gradients to k features: a projector of gradient
+            vectors, or a ``FactorizedProjector`` that works from per-layer
+            captures (and projects any other parameters' gradients densely).
         memory_bytes: Budget for the per-example gradients of one chunk.
     """
 
@@ -46,17 +50,45 @@ class Featurizer:
         model: nn.Module,
         task: Task,
         layout: ParameterLayout,
-        projector: Projector,
+        projector: Projector | FactorizedProjector,
         *,
         memory_bytes: int = 256 << 20,
     ) -> None:
-        self.gradients = PerExampleGradients(model, task, layout)
-        self.projector = projector
+        check_independent_examples(model)
+        self.model = model
+        self.task = task
         self.layout = layout
-        itemsize = torch.finfo(self.gradients.dtype).bits // 8
-        # vmap keeps about three gradient-sized buffers alive per row.
-        per_row = 3 * max(1, layout.numel) * itemsize
-        self.chunk_rows = max(1, int(memory_bytes // per_row))
+        self.projector = projector
+        first = next(iter(model.parameters()))
+        self.device, self.dtype = first.device, first.dtype
+        if isinstance(projector, FactorizedProjector):
+            self.factorized: FactorizedProjector | None = projector
+            self.dense: Projector | None = projector.rest_projector
+            gradient_layout = projector.rest
+        else:
+            self.factorized, self.dense = None, projector
+            gradient_layout = layout
+        self.gradients = (
+            PerExampleGradients(model, task, gradient_layout)
+            if gradient_layout.numel
+            else None
+        )
+        itemsize = torch.finfo(self.dtype).bits // 8
+        # vmap keeps about three gradient-sized buffers alive per row; the
+        # factorized path keeps a few feature-sized ones.
+        per_row = (3 * gradient_layout.numel + 4 * projector.proj_dim) * itemsize
+        self.chunk_rows = max(1, int(memory_bytes // max(1, per_row)))
+
+    def _chunk(self, part: Any) -> tuple[Tensor, Tensor]:
+        pieces, weights = [], None
+        if self.factorized is not None:
+            features, weights = self.factorized.features(self.model, self.task, part)
+            pieces.append(features)
+        if self.gradients is not None and self.dense is not None:
+            grads, weight = self.gradients.compute(part)
+            pieces.append(self.dense.project(grads))
+            weights = weight if weights is None else weights
+        return torch.cat(pieces, dim=1), weights
 
     def __call__(
         self, batch: Any, rows: Sequence[int] | None = None
@@ -77,15 +109,13 @@ class Featurizer:
             NonFiniteGradientError: Some example's gradient or weight is NaN
                 or infinite; the message names it.
         """
-        batch = prepare_batch(
-            batch, device=self.gradients.device, dtype=self.gradients.dtype
-        )
+        batch = prepare_batch(batch, device=self.device, dtype=self.dtype)
         total = batch_size(batch)
         features, weights = [], []
         for start in range(0, total, self.chunk_rows):
             part = slice_batch(batch, slice(start, start + self.chunk_rows))
-            grads, weight = self.gradients.compute(part)
-            finite = torch.isfinite(grads).all(dim=1) & torch.isfinite(weight)
+            projected, weight = self._chunk(part)
+            finite = torch.isfinite(projected).all(dim=1) & torch.isfinite(weight)
             if not bool(finite.all()):
                 bad = start + int(torch.nonzero(~finite)[0, 0])
                 name = rows[bad] if rows is not None else bad
@@ -95,7 +125,6 @@ class Featurizer:
                     "(e.g. a division by a zero feature); nothing of this batch "
                     "was written"
                 )
-            projected = self.projector.project(grads)
             wide = projected.dtype == torch.float64
             features.append(
                 projected.to(torch.float64 if wide else torch.float32).cpu()

@@ -29,6 +29,7 @@ __all__ = [
     "prepare_batch",
     "batch_size",
     "eval_mode",
+    "check_independent_examples",
 ]
 
 
@@ -106,7 +107,12 @@ def select_parameters(
     return ParameterLayout(tuple(chosen), shapes)
 
 
-def _check_independent_examples(model: nn.Module) -> None:
+def check_independent_examples(model: nn.Module) -> None:
+    """Refuse models whose eval-mode output for one example uses the others.
+
+    Raises:
+        ModelModeError: A BatchNorm normalizes with batch statistics.
+    """
     for name, module in model.named_modules():
         is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
         if is_norm and not module.track_running_stats:
@@ -201,7 +207,7 @@ class PerExampleGradients:
     """
 
     def __init__(self, model: nn.Module, task: Task, layout: ParameterLayout):
-        _check_independent_examples(model)
+        check_independent_examples(model)
         self.model = model
         self.task = task
         self.layout = layout

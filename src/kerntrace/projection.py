@@ -260,7 +260,9 @@ def make_projector(
             grad_dim, proj_dim, seed=seed, model_id=model_id, distribution=kind
         )
     if kind == "sparse":
-        return SparseProjector(grad_dim, proj_dim, seed=seed, model_id=model_id)
+        return SparseProjector(
+            grad_dim, proj_dim, seed=seed, model_id=model_id, nonzeros=min(4, proj_dim)
+        )
     if kind == "identity":
         return IdentityProjector(grad_dim)
     raise ConfigurationError(

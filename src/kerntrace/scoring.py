@@ -97,8 +97,9 @@ def _check_self_inputs(
         if features.ndim != 2 or features.shape[0] != n or lower.shape != (k, k):
             raise ConfigurationError(
                 f"checkpoint {m}: features of shape {features.shape} and factor of "
-                f"shape {lower.shape} do not fit; expected (n={n}, k) and (k, k), "
-                "the factor from kernel.factor on these features"
+                f"shape {lower.shape} do not fit; expected (n, k) with the n={n} "
+                "rows of checkpoint 0, and the (k, k) factor from kernel.factor "
+                "on these features"
             )
     weights = np.asarray(weights, dtype=np.float64)
     if weights.shape != (n,):

@@ -9,6 +9,8 @@ Layout of a store (``n`` train examples, ``k`` features, ``T`` targets)::
     models/<id>/done.npy                 (n,) uint8, 1 once a row is written
     models/<id>/kernel.json              damping and solve of checkpoint <id>
     models/<id>/cholesky.npy             (k, k) float64 factor of the kernel
+    self_scores.npy                      (n,) float64 self-influence
+    self_scores.json                     which model ids it averages
     experiments/<name>/experiment.json   number of targets
     experiments/<name>/models/<id>/...   target features and progress
     experiments/<name>/scores.npy        (n, T) float32 scores
