@@ -75,6 +75,7 @@ def test_dense_scores_equal_the_formula(
         targets,
         tmp_path,
         proj_dim=k,
+        projector="dense",
         projector_seed=seed,
         lambda_reg=LAMBDA,
         feature_dtype="float64",

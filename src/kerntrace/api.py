@@ -132,7 +132,14 @@ class TRAKer:
             have been made with the same settings.
         proj_dim: k, the number of features per example. ``None`` takes
             2048, or the number of parameters p if that is smaller.
-        projector: ``"dense"`` (Gaussian), ``"rademacher"`` or ``"identity"``.
+        projector: ``"auto"`` (default) takes ``"factorized"`` when at least
+            half of the selected parameters sit in Linear, Conv2d or Embedding
+            layers, else ``"dense"``, or ``"sparse"`` when a dense matrix
+            would pass 1 GiB, and logs its choice. ``"factorized"`` projects
+            layer by layer from hooks' captures, never forming the
+            p-dimensional gradient; ``"dense"`` (Gaussian), ``"rademacher"``,
+            ``"sparse"`` (sparse JL) and ``"identity"`` (no projection)
+            project per-example gradient vectors.
         projector_seed: Seed of the random projection.
         lambda_reg: The damping λ. ``None`` chooses it per checkpoint as
             0.3 times the mean squared feature norm, tr(ΦᵀΦ)/n (see
@@ -156,7 +163,7 @@ class TRAKer:
         save_dir: str | os.PathLike[str] = "./trak_results",
         *,
         proj_dim: int | None = None,
-        projector: str = "dense",
+        projector: str = "auto",
         projector_seed: int = 0,
         lambda_reg: float | None = None,
         grad_wrt: Sequence[str] | str | None = None,

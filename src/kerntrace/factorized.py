@@ -23,9 +23,10 @@ with respect to example b's activations is that of f_b.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,15 +34,34 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .gradients import ParameterLayout, eval_mode
+from .gradients import ParameterLayout, PerExampleGradients, eval_mode
 from .outputs import Task
-from .projection import DenseProjector, block_seed
+from .projection import (
+    DenseProjector,
+    IdentityProjector,
+    Projector,
+    SparseProjector,
+    block_seed,
+)
 
-__all__ = ["FactorizedProjector", "FactorLayer", "factorizable", "factorized_share"]
+__all__ = [
+    "CapturedGradients",
+    "FactorizedProjector",
+    "FactorLayer",
+    "capture",
+    "factorizable",
+    "factorized_share",
+]
 
 logger = logging.getLogger(__name__)
 
 _FACTOR_SALT = 2
+# The layers' Kronecker features total MIXING_FACTOR · k (each layer capped at
+# its exact size), then a sparse JL projection mixes them down to k. A wide
+# intermediate keeps each factor's distortion small, ~sqrt(2 / k_in) for
+# the input side, while the mixing costs only a few operations per feature.
+MIXING_FACTOR = 8
+MIXING_NONZEROS = 2
 _LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.Embedding)
 
 
@@ -113,13 +133,15 @@ class FactorizedProjector:
     Args:
         model: The network.
         layout: The selected parameters.
-        proj_dim: The total number of features wanted; the layers share it in
-            proportion to their parameter counts, and the actual total
-            ``proj_dim`` attribute may differ from it by rounding.
+        proj_dim: k, the number of features. The layers share an
+            intermediate width of ``MIXING_FACTOR`` · k in proportion to their
+            parameter counts (a layer smaller than its share is kept exact),
+            and a sparse projection mixes that down to k.
         seed: The projector seed.
         model_id: The checkpoint's id.
-        exact: Use identity factors (k_in = n_in, k_out = n_out), so that the
-            features are the exact per-example gradients (for tests).
+        exact: Use identity factors (k_in = n_in, k_out = n_out) and no
+            mixing, so that the features are the exact per-example gradients
+            (for tests); ``proj_dim`` is then the number of parameters.
     """
 
     kind = "factorized"
@@ -141,27 +163,47 @@ class FactorizedProjector:
         shapes = dict(zip(layout.names, layout.shapes, strict=True))
         self.rest = ParameterLayout(tuple(rest), tuple(shapes[n] for n in rest))
         total = max(1, layout.numel)
+        budget = proj_dim * MIXING_FACTOR
         offset = 0
         for index, layer in enumerate(self.layers):
             size = layer.n_in * layer.n_out
-            target = size if exact else proj_dim * size / total
+            target = size if exact else budget * size / total
             layer.k_in, layer.k_out = _split(layer.n_in, layer.n_out, target)
             layer.offset = offset
             offset += layer.width
             layer.p_in, layer.p_out = self._factors(layer, index)
-        self.rest_projector: DenseProjector | None = None
-        if self.rest.numel:
-            k_rest = (
-                self.rest.numel
-                if exact
-                else max(1, round(proj_dim * self.rest.numel / total))
+        self.rest_projector: Projector | None = None
+        if self.rest.numel and exact:
+            self.rest_projector = IdentityProjector(self.rest.numel)
+        elif self.rest.numel:
+            k_rest = max(
+                1, min(self.rest.numel, round(budget * self.rest.numel / total))
             )
             self.rest_projector = DenseProjector(
                 self.rest.numel, k_rest, seed=seed, model_id=model_id
             )
-            offset += k_rest
-        self.proj_dim = offset
+        if self.rest_projector is not None:
+            offset += self.rest_projector.proj_dim
+        self.intermediate_dim = offset
+        self.mixer: SparseProjector | None = None
+        if exact:
+            self.proj_dim = offset
+        else:
+            self.proj_dim = proj_dim
+            self.mixer = SparseProjector(
+                offset,
+                proj_dim,
+                seed=seed,
+                model_id=model_id,
+                nonzeros=min(MIXING_NONZEROS, proj_dim),
+            )
         self.grad_dim = layout.numel
+
+    def mix(self, features: Tensor) -> Tensor:
+        """Map the (B, intermediate_dim) layer features to (B, proj_dim)."""
+        if self.mixer is None:
+            return features
+        return self.mixer.project(features)
 
     @staticmethod
     def _find_layers(model: nn.Module, layout: ParameterLayout) -> list[FactorLayer]:
@@ -189,14 +231,21 @@ class FactorizedProjector:
         return layers
 
     def _factors(self, layer: FactorLayer, index: int) -> tuple[Tensor, Tensor]:
-        if self.exact:
-            return torch.eye(layer.n_in), torch.eye(layer.n_out)
+        """P_in (n_in, k_in) and P_out (n_out, k_out); the identity when k = n.
+
+        A side kept at full width is left exact: a square Gaussian matrix
+        would only distort it.
+        """
         generator = torch.Generator().manual_seed(
             block_seed(self.seed, self.model_id, index, salt=_FACTOR_SALT)
         )
-        p_in = torch.randn(layer.n_in, layer.k_in, generator=generator)
-        p_out = torch.randn(layer.n_out, layer.k_out, generator=generator)
-        return p_in / math.sqrt(layer.k_in), p_out / math.sqrt(layer.k_out)
+
+        def factor(n: int, k: int) -> Tensor:
+            if k >= n:
+                return torch.eye(n)
+            return torch.randn(n, k, generator=generator) / math.sqrt(k)
+
+        return factor(layer.n_in, layer.k_in), factor(layer.n_out, layer.k_out)
 
     def describe(self) -> str:
         """One line naming each layer's k_in × k_out."""
@@ -220,40 +269,11 @@ class FactorizedProjector:
             ``(features, weights)``: (B, Σ k_in·k_out) in the model's dtype,
             and (B,). The dense part for other parameters is not included.
         """
-        params = {
-            n: p.detach().requires_grad_(True) for n, p in model.named_parameters()
-        }
-        buffers = {n: b.detach() for n, b in model.named_buffers()}
-        captures: dict[int, list[tuple[Tensor, Tensor]]] = {
-            i: [] for i in range(len(self.layers))
-        }
-        handles = [
-            layer.module.register_forward_hook(_recorder(captures[i]))
-            for i, layer in enumerate(self.layers)
-        ]
-
-        def run(*args: Any, **kwargs: Any) -> Tensor:
-            return functional_call(model, {**params, **buffers}, args, kwargs)
-
-        try:
-            with eval_mode(model), torch.enable_grad():
-                outputs = task.output(run, batch)
-                with torch.no_grad():
-                    weights = task.out_to_loss(run, batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-        calls = [(i, a, out) for i, items in captures.items() for a, out in items]
-        grads = torch.autograd.grad(
-            outputs.sum(), [out for _, _, out in calls], allow_unused=True
-        )
+        calls, outputs, weights = capture(model, task, batch, self.layers)
         rows = outputs.shape[0]
         dtype = outputs.dtype
         result = outputs.new_zeros(rows, sum(la.width for la in self.layers))
-        for (index, inputs, _), grad_out in zip(calls, grads, strict=True):
-            if grad_out is None:
-                continue
-            layer = self.layers[index]
+        for layer, inputs, grad_out in calls:
             a, g = _positions(layer, inputs, grad_out)
             projected_out = g @ layer.p_out.to(g.device, dtype)
             if isinstance(layer.module, nn.Embedding):
@@ -263,7 +283,146 @@ class FactorizedProjector:
             block = torch.einsum("bto,bti->boi", projected_out, projected_in)
             stop = layer.offset + layer.width
             result[:, layer.offset : stop] += block.reshape(rows, -1)
-        return result.detach(), weights.reshape(rows).detach()
+        return result, weights
+
+
+def capture(
+    model: nn.Module, task: Task, batch: Any, layers: Sequence[FactorLayer]
+) -> tuple[list[tuple[FactorLayer, Tensor, Tensor]], Tensor, Tensor]:
+    """One batched forward and backward pass, recording each layer call.
+
+    Returns:
+        ``(calls, outputs, weights)``: for every call of a layer that the
+        output depends on, the layer, its input and the gradient of Σ_b f_b
+        with respect to its output; the outputs f (B,) and out-to-loss
+        weights (B,), detached.
+    """
+    params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    records: list[list[tuple[Tensor, Tensor]]] = [[] for _ in layers]
+    handles = [
+        layer.module.register_forward_hook(_recorder(records[i]))
+        for i, layer in enumerate(layers)
+    ]
+
+    def run(*args: Any, **kwargs: Any) -> Tensor:
+        return functional_call(model, {**params, **buffers}, args, kwargs)
+
+    try:
+        with eval_mode(model), torch.enable_grad():
+            outputs = task.output(run, batch)
+            with torch.no_grad():
+                weights = task.out_to_loss(run, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    flat = [(layers[i], a, out) for i, items in enumerate(records) for a, out in items]
+    grads = torch.autograd.grad(
+        outputs.sum(), [out for _, _, out in flat], allow_unused=True
+    )
+    calls = [
+        (layer, inputs, grad)
+        for (layer, inputs, _), grad in zip(flat, grads, strict=True)
+        if grad is not None
+    ]
+    rows = outputs.shape[0]
+    return calls, outputs.detach(), weights.reshape(rows).detach()
+
+
+class CapturedGradients:
+    """Exact per-example gradients from one batched pass with layer hooks.
+
+    The weight gradients of ``nn.Linear``, ``nn.Conv2d`` and ``nn.Embedding``
+    layers are formed from their captured inputs and output gradients
+    (G = Σ_t g_t a_tᵀ per example), which costs one forward and backward
+    pass plus the outer products; the other selected parameters go through
+    ``PerExampleGradients`` (``torch.func``). Same interface and results as
+    ``PerExampleGradients``, usually several times faster.
+
+    Args:
+        model: The network.
+        task: The task.
+        layout: The selected parameters.
+    """
+
+    def __init__(self, model: nn.Module, task: Task, layout: ParameterLayout):
+        self.model, self.task, self.layout = model, task, layout
+        self.layers = FactorizedProjector._find_layers(model, layout)
+        for layer in self.layers:
+            layer.k_in, layer.k_out = layer.n_in, layer.n_out
+        offsets = dict(
+            zip(layout.names, itertools.accumulate((0, *layout.sizes)), strict=False)
+        )
+        self.offsets = offsets
+        self.sizes = dict(zip(layout.names, layout.sizes, strict=True))
+        covered = {n for la in self.layers for n in (la.weight, la.bias) if n}
+        rest = [n for n in layout.names if n not in covered]
+        shapes = dict(zip(layout.names, layout.shapes, strict=True))
+        self.rest = ParameterLayout(tuple(rest), tuple(shapes[n] for n in rest))
+        self.rest_gradients = (
+            PerExampleGradients(model, task, self.rest) if rest else None
+        )
+        first = next(iter(model.parameters()))
+        self.device, self.dtype = first.device, first.dtype
+
+    def compute(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """Per-example gradients (B, p) in layout order and weights (B,)."""
+        calls, outputs, weights = capture(self.model, self.task, batch, self.layers)
+        rows = outputs.shape[0]
+        grads = outputs.new_empty(rows, self.layout.numel)
+        written: set[int] = set()
+        for layer, inputs, grad_out in calls:
+            self._write_layer(grads, layer, inputs, grad_out, id(layer) in written)
+            written.add(id(layer))
+        for layer in self.layers:
+            if id(layer) not in written:
+                for name in (layer.weight, layer.bias):
+                    if name:
+                        self._columns(grads, name).zero_()
+        if self.rest_gradients is not None:
+            rest, _ = self.rest_gradients.compute(batch)
+            start = 0
+            for name, size in zip(self.rest.names, self.rest.sizes, strict=True):
+                self._columns(grads, name).copy_(rest[:, start : start + size])
+                start += size
+        return grads, weights
+
+    def _columns(self, grads: Tensor, name: str) -> Tensor:
+        start = self.offsets[name]
+        return grads[:, start : start + self.sizes[name]]
+
+    def _write_layer(
+        self,
+        grads: Tensor,
+        layer: FactorLayer,
+        inputs: Tensor,
+        grad_out: Tensor,
+        accumulate: bool,
+    ) -> None:
+        rows = grads.shape[0]
+        a, g = _positions(layer, inputs, grad_out, with_bias=False)
+        weight = self._columns(grads, layer.weight)
+        if isinstance(layer.module, nn.Embedding):
+            # Σ_t onehot(token_t) g_tᵀ: scatter the output gradients by token.
+            part = grads.new_zeros(rows * layer.n_in, layer.n_out)
+            tokens = a + layer.n_in * torch.arange(rows, device=a.device)[:, None]
+            keep = torch.ones_like(a, dtype=torch.bool)
+            if layer.module.padding_idx is not None:
+                keep = a != layer.module.padding_idx
+            part.index_add_(0, tokens[keep], g[keep])
+            part = part.reshape(rows, -1)
+            weight.add_(part) if accumulate else weight.copy_(part)
+        else:
+            view = weight.view(rows, layer.n_out, a.shape[-1])
+            if a.shape[1] == 1:
+                product = g.transpose(1, 2) * a
+            else:
+                product = torch.bmm(g.transpose(1, 2), a)
+            view.add_(product) if accumulate else view.copy_(product)
+        if layer.bias is not None:
+            bias = self._columns(grads, layer.bias)
+            total = g.sum(dim=1)
+            bias.add_(total) if accumulate else bias.copy_(total)
 
 
 def _recorder(store: list[tuple[Tensor, Tensor]]) -> Callable[..., None]:
@@ -274,8 +433,13 @@ def _recorder(store: list[tuple[Tensor, Tensor]]) -> Callable[..., None]:
     return hook
 
 
-def _positions(layer: FactorLayer, inputs: Tensor, grad_out: Tensor):
-    """Inputs (B, T, n_in) and output gradients (B, T, n_out) of one call."""
+def _positions(
+    layer: FactorLayer, inputs: Tensor, grad_out: Tensor, *, with_bias: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Inputs (B, T, n_in) and output gradients (B, T, n_out) of one call.
+
+    With ``with_bias`` and a selected bias, the inputs get a column of ones.
+    """
     module = layer.module
     rows = grad_out.shape[0]
     if isinstance(module, nn.Conv2d):
@@ -294,7 +458,7 @@ def _positions(layer: FactorLayer, inputs: Tensor, grad_out: Tensor):
     else:
         grad_out = grad_out.reshape(rows, -1, grad_out.shape[-1])
         return inputs.reshape(rows, -1), grad_out
-    if layer.bias is not None:
+    if with_bias and layer.bias is not None:
         ones = inputs.new_ones(*inputs.shape[:-1], 1)
         inputs = torch.cat([inputs, ones], dim=-1)
     return inputs, grad_out

@@ -8,6 +8,7 @@ with the chunk and k, never with the number of train examples.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import NonFiniteGradientError
-from .factorized import FactorizedProjector
+from .factorized import CapturedGradients, FactorizedProjector, factorized_share
 from .gradients import (
     ParameterLayout,
     PerExampleGradients,
@@ -28,6 +29,16 @@ from .outputs import Task
 from .projection import Projector
 
 __all__ = ["Featurizer"]
+
+
+def _gradient_engine(
+    model: nn.Module, task: Task, layout: ParameterLayout
+) -> PerExampleGradients | CapturedGradients:
+    """Hooks for Linear/Conv2d/Embedding layers when there are any, else vmap."""
+    if factorized_share(model, layout) > 0:
+        return CapturedGradients(model, task, layout)
+    return PerExampleGradients(model, task, layout)
+
 
 logger = logging.getLogger(__name__)
 
@@ -69,17 +80,50 @@ class Featurizer:
             self.factorized, self.dense = None, projector
             gradient_layout = layout
         self.gradients = (
-            PerExampleGradients(model, task, gradient_layout)
+            _gradient_engine(model, task, gradient_layout)
             if gradient_layout.numel
             else None
         )
+        self._verified = False
         itemsize = torch.finfo(self.dtype).bits // 8
         # vmap keeps about three gradient-sized buffers alive per row; the
         # factorized path keeps a few feature-sized ones.
-        per_row = (3 * gradient_layout.numel + 4 * projector.proj_dim) * itemsize
+        width = getattr(projector, "intermediate_dim", projector.proj_dim)
+        per_row = (3 * gradient_layout.numel + 4 * width) * itemsize
         self.chunk_rows = max(1, int(memory_bytes // max(1, per_row)))
 
+    def _verify(self, part: Any) -> None:
+        """Check the hooks' gradients against torch.func on two examples.
+
+        Hooks see only calls of a layer's ``forward``; a model that also uses
+        a layer's weight directly (``F.linear(x, self.fc.weight)``) would get
+        wrong gradients from them, so such a model falls back to torch.func.
+        """
+        self._verified = True
+        if not isinstance(self.gradients, CapturedGradients):
+            return
+        few = slice_batch(part, slice(0, 2))
+        captured, _ = self.gradients.compute(few)
+        exact, _ = PerExampleGradients(
+            self.model, self.task, self.gradients.layout
+        ).compute(few)
+        scale = exact.abs().max().clamp_min(torch.finfo(exact.dtype).tiny)
+        tolerance = 1e-4 if exact.dtype != torch.float64 else 1e-9
+        if float((captured - exact).abs().max() / scale) > tolerance:
+            warnings.warn(
+                "per-layer hooks disagree with torch.func on this model (a "
+                "layer's weight is used outside its forward?); using torch.func "
+                "gradients, which are slower",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self.gradients = PerExampleGradients(
+                self.model, self.task, self.gradients.layout
+            )
+
     def _chunk(self, part: Any) -> tuple[Tensor, Tensor]:
+        if not self._verified:
+            self._verify(part)
         pieces, weights = [], None
         if self.factorized is not None:
             features, weights = self.factorized.features(self.model, self.task, part)
@@ -88,7 +132,10 @@ class Featurizer:
             grads, weight = self.gradients.compute(part)
             pieces.append(self.dense.project(grads))
             weights = weight if weights is None else weights
-        return torch.cat(pieces, dim=1), weights
+        features = torch.cat(pieces, dim=1)
+        if self.factorized is not None:
+            features = self.factorized.mix(features)
+        return features, weights
 
     def __call__(
         self, batch: Any, rows: Sequence[int] | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -36,6 +37,7 @@ BLOCK_ROWS = 1024
 
 
 _SPARSE_SALT = 1
+SPARSE_NONZEROS = 4
 
 
 def block_seed(seed: int, model_id: int, block: int, *, salt: int = 0) -> int:
@@ -192,6 +194,7 @@ class SparseProjector(Projector):
         self.nonzeros = nonzeros
         self.kind = f"sparse-{nonzeros}"
         self._cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._csr: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def block(self, index: int) -> tuple[Tensor, Tensor]:
         """Buckets (rows, s) int64 and signed weights (rows, s) float32."""
@@ -214,9 +217,30 @@ class SparseProjector(Projector):
             self._cache[device] = (buckets, weights)
         return self._cache[device]
 
+    def _sparse_transpose(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """Pᵀ as a (k, p) CSR matrix, cached per device and dtype."""
+        key = (device, dtype)
+        if key not in self._csr:
+            buckets, weights = self._all(torch.device("cpu"))
+            coordinates = torch.arange(self.grad_dim).repeat_interleave(self.nonzeros)
+            indices = torch.stack([buckets.reshape(-1), coordinates])
+            matrix = torch.sparse_coo_tensor(
+                indices,
+                weights.reshape(-1).to(dtype),
+                (self.proj_dim, self.grad_dim),
+                check_invariants=True,
+            )
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*CSR.*beta")
+                self._csr[key] = matrix.coalesce().to_sparse_csr().to(device)
+        return self._csr[key]
+
     def project(self, grads: Tensor, *, offset: int = 0) -> Tensor:
         stop = offset + grads.shape[1]
         _check_slice(offset, stop, self.grad_dim)
+        if offset == 0 and stop == self.grad_dim:
+            transposed = self._sparse_transpose(grads.device, grads.dtype)
+            return torch.sparse.mm(transposed, grads.T).T
         buckets, weights = self._all(grads.device)
         buckets = buckets[offset:stop].reshape(-1)
         weights = weights[offset:stop].to(grads.dtype)
@@ -261,7 +285,11 @@ def make_projector(
         )
     if kind == "sparse":
         return SparseProjector(
-            grad_dim, proj_dim, seed=seed, model_id=model_id, nonzeros=min(4, proj_dim)
+            grad_dim,
+            proj_dim,
+            seed=seed,
+            model_id=model_id,
+            nonzeros=min(SPARSE_NONZEROS, proj_dim),
         )
     if kind == "identity":
         return IdentityProjector(grad_dim)

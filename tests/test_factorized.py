@@ -1,0 +1,263 @@
+"""Factorized per-layer projection and hook-captured per-example gradients.
+
+Exactness against a plain autograd loop (identity factors), agreement with
+the dense projection in expectation, JL guarantees, the fallback for models
+the hooks cannot see through, and the ``auto`` projector's choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import kerntrace as kt
+from kerntrace.factorized import (
+    CapturedGradients,
+    FactorizedProjector,
+    factorized_share,
+)
+from kerntrace.featurize import Featurizer
+from kerntrace.gradients import select_parameters
+from kerntrace.outputs import ClassificationTask, classification_margin
+from kerntrace.projection import DenseProjector
+
+
+class EmbeddingBag(nn.Module):
+    """Token ids → summed embeddings (with padding) → LayerNorm → head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(13, 5, padding_idx=0)
+        self.norm = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.embed(tokens).sum(1)))
+
+
+class WeightOutsideForward(nn.Module):
+    """Uses its layer's weight through F.linear as well: invisible to hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc(x)) + nn.functional.linear(x, self.fc.weight)
+        return self.head(h)
+
+
+def _models(make_mlp, make_cnn, make_shared_linear, make_classification):
+    x, y = make_classification(6, (4,), dtype=torch.float64)
+    images, labels = make_classification(6, (1, 6, 6), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 13, (6, 4), generator=generator)
+    tokens[:, -1] = 0
+    torch.manual_seed(0)
+    return {
+        "mlp": (make_mlp(d_in=4, dtype=torch.float64), (x, y)),
+        "cnn": (make_cnn(dtype=torch.float64), (images, labels)),
+        "shared": (make_shared_linear(dtype=torch.float64), (x, y)),
+        "embedding": (EmbeddingBag().double(), (tokens, y)),
+    }
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "shared", "embedding"])
+def test_captured_gradients_equal_the_autograd_loop(
+    name, make_mlp, make_cnn, make_shared_linear, make_classification, loop_gradients
+):
+    model, (x, y) = _models(
+        make_mlp, make_cnn, make_shared_linear, make_classification
+    )[name]
+    layout = select_parameters(model)
+    grads, weights = CapturedGradients(model, ClassificationTask(), layout).compute(
+        (x, y)
+    )
+    torch.testing.assert_close(
+        grads, loop_gradients(model, x, y), rtol=1e-10, atol=1e-12
+    )
+    with torch.no_grad():
+        margin = classification_margin(model.eval()(x), y)
+    torch.testing.assert_close(weights, torch.sigmoid(-margin))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "shared", "embedding"])
+def test_identity_factors_give_the_exact_layer_gradients(
+    name, make_mlp, make_cnn, make_shared_linear, make_classification, loop_gradients
+):
+    model, (x, y) = _models(
+        make_mlp, make_cnn, make_shared_linear, make_classification
+    )[name]
+    layout = select_parameters(model)
+    projector = FactorizedProjector(model, layout, 1, seed=0, model_id=0, exact=True)
+    features = Featurizer(model, ClassificationTask(), layout, projector)((x, y))[0]
+    exact = loop_gradients(model, x, y)
+    offsets = dict(zip(layout.names, np.cumsum((0, *layout.sizes)), strict=False))
+    sizes = dict(zip(layout.names, layout.sizes, strict=True))
+    for layer in projector.layers:
+        block = features[:, layer.offset : layer.offset + layer.width]
+        block = block.reshape(len(x), layer.k_out, layer.k_in)
+        start = offsets[layer.weight]
+        weight = exact[:, start : start + sizes[layer.weight]]
+        if isinstance(layer.module, nn.Embedding):
+            torch.testing.assert_close(
+                block.transpose(1, 2).reshape(len(x), -1), weight
+            )
+            continue
+        columns = layer.n_in - (layer.bias is not None)
+        torch.testing.assert_close(block[:, :, :columns].reshape(len(x), -1), weight)
+        if layer.bias is not None:
+            start = offsets[layer.bias]
+            torch.testing.assert_close(
+                block[:, :, -1], exact[:, start : start + sizes[layer.bias]]
+            )
+    rest = [n for n in layout.names if n in projector.rest.names]
+    assert rest == list(projector.rest.names)
+    if rest:
+        tail = features[:, -projector.rest.numel :]
+        expected = torch.cat(
+            [exact[:, offsets[n] : offsets[n] + sizes[n]] for n in rest], 1
+        )
+        torch.testing.assert_close(tail, expected)
+
+
+def test_factorized_and_dense_agree_in_expectation(make_mlp, make_classification):
+    model = make_mlp(d_in=6, hidden=12, classes=4, dtype=torch.float64)
+    x, y = make_classification(5, (6,), classes=4, dtype=torch.float64)
+    layout = select_parameters(model)
+    task = ClassificationTask()
+    exact, _ = CapturedGradients(model, task, layout).compute((x, y))
+    true_gram = exact @ exact.T
+    grams = {"factorized": 0.0, "dense": 0.0}
+    draws = 200
+    for seed in range(draws):
+        factorized = FactorizedProjector(model, layout, 24, seed=seed, model_id=0)
+        features, _ = Featurizer(model, task, layout, factorized)((x, y))
+        grams["factorized"] += features @ features.T / draws
+        dense = DenseProjector(layout.numel, 24, seed=seed, model_id=0)
+        projected = dense.project(exact)
+        grams["dense"] += projected @ projected.T / draws
+    scale = true_gram.diagonal().mean()
+    for name, gram in grams.items():
+        error = (gram - true_gram).abs().max() / scale
+        assert error < 0.15, (name, float(error))
+
+
+def test_factorized_features_keep_norms_and_inner_products(
+    make_mlp, make_classification
+):
+    model = make_mlp(d_in=40, hidden=60, classes=5, dtype=torch.float64)
+    x, y = make_classification(12, (40,), classes=5, dtype=torch.float64)
+    layout = select_parameters(model)
+    task = ClassificationTask()
+    exact, _ = CapturedGradients(model, task, layout).compute((x, y))
+    projector = FactorizedProjector(model, layout, 512, seed=1, model_id=0)
+    assert projector.proj_dim == 512
+    features, _ = Featurizer(model, task, layout, projector)((x, y))
+    ratio = features.norm(dim=1) ** 2 / exact.norm(dim=1) ** 2
+    assert torch.all((ratio > 0.7) & (ratio < 1.3)), ratio
+    unit = exact / exact.norm(dim=1, keepdim=True)
+    cosine = (
+        features @ features.T / torch.outer(features.norm(dim=1), features.norm(dim=1))
+    )
+    assert (cosine - unit @ unit.T).abs().max() < 0.3
+
+
+def test_factorized_projection_is_seeded_and_batch_invariant(
+    make_cnn, make_classification
+):
+    model = make_cnn()
+    x, y = make_classification(9, (1, 6, 6))
+    layout = select_parameters(model)
+    task = ClassificationTask()
+
+    def features(seed: int, model_id: int, sizes=(9,)) -> torch.Tensor:
+        projector = FactorizedProjector(model, layout, 32, seed=seed, model_id=model_id)
+        featurizer = Featurizer(model, task, layout, projector)
+        parts, start = [], 0
+        for size in sizes:
+            parts.append(
+                featurizer((x[start : start + size], y[start : start + size]))[0]
+            )
+            start += size
+        return torch.cat(parts)
+
+    base = features(0, 0)
+    assert torch.equal(base, features(0, 0))
+    torch.testing.assert_close(features(0, 0, (1, 3, 5)), base, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(base, features(1, 0))
+    assert not torch.allclose(base, features(0, 1))
+
+
+def test_weight_used_outside_forward_falls_back_to_torch_func(loop_gradients):
+    torch.manual_seed(0)
+    model = WeightOutsideForward().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    layout = select_parameters(model)
+    projector = kt.projection.make_projector(
+        "identity", layout.numel, layout.numel, seed=0, model_id=0
+    )
+    featurizer = Featurizer(model, ClassificationTask(), layout, projector)
+    with pytest.warns(RuntimeWarning, match="hooks disagree with torch.func"):
+        features, _ = featurizer((x, y))
+    torch.testing.assert_close(features, loop_gradients(model, x, y))
+
+
+def test_auto_projector_is_logged_and_picks_factorized_for_linear_models(
+    tmp_path, make_mlp, caplog
+):
+    model = make_mlp(d_in=4)
+    assert factorized_share(model, select_parameters(model)) == 1.0
+    with caplog.at_level(logging.INFO, logger="kerntrace"):
+        traker = kt.TRAKer(model, "classification", 10, tmp_path, proj_dim=16)
+    assert traker.projector_kind == "factorized"
+    assert "projector 'auto' chose 'factorized'" in caplog.text
+
+
+def test_auto_projector_picks_dense_when_few_parameters_are_in_layers(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    for param in model[0].parameters():
+        param.requires_grad_(False)
+    for param in model[2].parameters():
+        param.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        traker = kt.TRAKer(model, "classification", 10, tmp_path, proj_dim=4)
+    assert traker.projector_kind == "dense"
+
+
+def test_factorized_scores_match_dense_scores_closely(
+    tmp_path, make_mlp, make_classification, run_traker
+):
+    model = make_mlp(d_in=5, hidden=6, classes=3)
+    train = make_classification(30, (5,), seed=1)
+    targets = make_classification(4, (5,), seed=2)
+    checkpoint = [model.state_dict()]
+    exact = run_traker(
+        model,
+        checkpoint,
+        train,
+        targets,
+        tmp_path / "identity",
+        projector="identity",
+        lambda_reg=1e-2,
+    )
+    factorized = run_traker(
+        model,
+        checkpoint,
+        train,
+        targets,
+        tmp_path / "factor",
+        projector="factorized",
+        proj_dim=4096,
+        lambda_reg=1e-2,
+    )
+    correlation = np.corrcoef(exact.ravel(), factorized.ravel())[0, 1]
+    assert correlation > 0.97, correlation
