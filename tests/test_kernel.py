@@ -1,0 +1,88 @@
+"""The kernel: blockwise ΦᵀΦ, the automatic damping rule, the Cholesky solve."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kerntrace import kernel
+from kerntrace.errors import NumericalError
+
+
+def _features(n: int, k: int, *, seed: int = 0, rank: int | None = None) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if rank is None:
+        return rng.standard_normal((n, k))
+    return rng.standard_normal((n, rank)) @ rng.standard_normal((rank, k))
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 64, 10_000])
+def test_gram_blockwise_equals_dense(block_rows):
+    phi = _features(50, 12).astype(np.float32)
+    expected = phi.astype(np.float64).T @ phi.astype(np.float64)
+    np.testing.assert_allclose(
+        kernel.gram(phi, block_rows=block_rows), expected, rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize("k", [64, 128, 512])
+def test_damping_makes_singular_kernels_solvable_when_k_at_least_n(k):
+    n = 64
+    phi = _features(n, k, seed=1)
+    gram = kernel.gram(phi)
+    assert np.linalg.matrix_rank(gram) <= n
+    damping = kernel.choose_damping(gram, n)
+    assert damping.value > 0
+    lower = kernel.factor(gram, damping.value, n=n)
+    rhs = _features(k, 3, seed=2)
+    solved = kernel.solve(lower, rhs)
+    np.testing.assert_allclose(
+        (gram + damping.value * np.eye(k)) @ solved, rhs, rtol=1e-8, atol=1e-8
+    )
+
+
+def test_damping_does_not_shrink_as_k_grows_past_n():
+    # Gaussian projections of the same 64 gradients to several k: E‖φ‖² = ‖g‖²,
+    # so the rule's λ stays put while tr(ΦᵀΦ)/k would fall like 1/k.
+    rng = np.random.default_rng(3)
+    grads = rng.standard_normal((64, 4000))
+    values = []
+    for k in (32, 64, 256, 1024):
+        projection = rng.standard_normal((4000, k)) / np.sqrt(k)
+        gram = kernel.gram(grads @ projection)
+        values.append(kernel.choose_damping(gram, 64).value)
+    assert max(values) / min(values) < 1.2, values
+
+
+def test_damping_scales_with_the_square_of_the_features():
+    phi = _features(40, 16, seed=4)
+    base = kernel.choose_damping(kernel.gram(phi), 40).value
+    scaled = kernel.choose_damping(kernel.gram(10 * phi), 40).value
+    assert scaled == pytest.approx(100 * base)
+
+
+def test_damping_rule_is_the_documented_fraction_of_the_mean_squared_norm():
+    phi = _features(30, 8, seed=5)
+    damping = kernel.choose_damping(kernel.gram(phi), 30)
+    expected = kernel.DAMPING_FRACTION * np.mean(np.sum(phi**2, axis=1))
+    assert damping.value == pytest.approx(expected)
+    assert "mean squared norm" in damping.rule
+
+
+def test_zero_damping_on_a_singular_kernel_is_an_error_naming_the_cause():
+    phi = _features(20, 40, seed=6)
+    with pytest.raises(NumericalError, match=r"k=40 ≥ n=20.*singular"):
+        kernel.factor(kernel.gram(phi), 0.0, n=20)
+
+
+def test_zero_damping_with_duplicates_names_them():
+    phi = _features(30, 10, seed=7, rank=5)
+    with pytest.raises(NumericalError, match="duplicated or linearly dependent"):
+        kernel.factor(kernel.gram(phi), 0.0, n=30)
+
+
+def test_non_finite_features_are_refused():
+    phi = _features(10, 4)
+    phi[3, 1] = np.inf
+    with pytest.raises(NumericalError, match="NaN or infinity"):
+        kernel.factor(kernel.gram(phi), 1.0, n=10)
