@@ -285,7 +285,8 @@ class TRAKer:
                 seed=self.projector_seed,
                 model_id=model_id,
             )
-            if model_id == 0:
+            if not getattr(self, "_described", False):
+                self._described = True
                 logger.info("factorized projection: %s", projector.describe())
             return projector
         return make_projector(
