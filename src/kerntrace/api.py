@@ -208,6 +208,7 @@ class TRAKer:
         else:
             self.proj_dim = int(proj_dim)
         self._requested_dim = self.proj_dim
+        self._described = False
         projector = self._choose_projector(projector)
         self.projector_kind = projector
         if projector == "factorized":
@@ -285,7 +286,7 @@ class TRAKer:
                 seed=self.projector_seed,
                 model_id=model_id,
             )
-            if not getattr(self, "_described", False):
+            if not self._described:
                 self._described = True
                 logger.info("factorized projection: %s", projector.describe())
             return projector
