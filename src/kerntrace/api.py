@@ -12,7 +12,8 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -738,6 +739,18 @@ def _take(batch: Any, rows: np.ndarray) -> Any:
     )
 
 
+@contextmanager
+def _working_dir(
+    save_dir: str | os.PathLike[str] | None,
+) -> Iterator[tuple[Path, bool]]:
+    """The store directory, or a temporary one deleted afterwards."""
+    if save_dir is not None:
+        yield Path(save_dir), False
+        return
+    with tempfile.TemporaryDirectory(prefix="kerntrace-") as tmp:
+        yield Path(tmp), True
+
+
 def _count(batches: Iterable[Any], what: str) -> int:
     dataset = getattr(batches, "dataset", None)
     if dataset is not None and hasattr(dataset, "__len__"):
@@ -809,43 +822,30 @@ def attribute(
         The scores, shape (n_train, n_targets).
     """
     checkpoints = _checkpoint_list(checkpoints)
-    if save_dir is None:
-        with tempfile.TemporaryDirectory(prefix="kerntrace-") as tmp:
-            result = attribute(
-                model,
-                checkpoints,
-                train,
-                targets,
-                task=task,
-                save_dir=tmp,
-                exp_name=exp_name,
-                progress=progress,
-                **options,
-            )
-            return Scores(result.to_numpy(), result.model_ids, result.damping)
     n_targets = _count(targets, "targets")
-    traker = _featurized(
-        model,
-        checkpoints,
-        train,
-        task=task,
-        save_dir=save_dir,
-        progress=progress,
-        options=options,
-    )
-    for model_id, checkpoint in enumerate(checkpoints):
-        traker.start_scoring_checkpoint(exp_name, checkpoint, model_id, n_targets)
-        for batch in tqdm(
-            targets, desc=f"score {model_id}", disable=not progress, leave=False
-        ):
-            traker.score(batch, num_samples=batch_size(batch))
-    values = traker.finalize_scores(exp_name)
-    return Scores(
-        values,
-        tuple(range(len(checkpoints))),
-        dict(traker.damping),
-        Path(traker.save_dir),
-    )
+    with _working_dir(save_dir) as (directory, temporary):
+        traker = _featurized(
+            model,
+            checkpoints,
+            train,
+            task=task,
+            save_dir=directory,
+            progress=progress,
+            options=options,
+        )
+        for model_id, checkpoint in enumerate(checkpoints):
+            traker.start_scoring_checkpoint(exp_name, checkpoint, model_id, n_targets)
+            for batch in tqdm(
+                targets, desc=f"score {model_id}", disable=not progress, leave=False
+            ):
+                traker.score(batch, num_samples=batch_size(batch))
+        values = traker.finalize_scores(exp_name)
+        return Scores(
+            np.array(values) if temporary else values,
+            tuple(range(len(checkpoints))),
+            dict(traker.damping),
+            None if temporary else directory,
+        )
 
 
 def audit(
@@ -880,31 +880,18 @@ def audit(
         int64 and ``top(k)``.
     """
     checkpoints = _checkpoint_list(checkpoints)
-    if save_dir is None:
-        with tempfile.TemporaryDirectory(prefix="kerntrace-") as tmp:
-            result = audit(
-                model,
-                checkpoints,
-                train,
-                task=task,
-                save_dir=tmp,
-                progress=progress,
-                **options,
-            )
-            return Audit.from_self_scores(
-                result.self_scores, result.model_ids, result.damping
-            )
-    traker = _featurized(
-        model,
-        checkpoints,
-        train,
-        task=task,
-        save_dir=save_dir,
-        progress=progress,
-        options=options,
-    )
-    ids = list(range(len(checkpoints)))
-    values = traker.self_scores(model_ids=ids)
-    return Audit.from_self_scores(
-        values, tuple(ids), dict(traker.damping), Path(traker.save_dir)
-    )
+    with _working_dir(save_dir) as (directory, temporary):
+        traker = _featurized(
+            model,
+            checkpoints,
+            train,
+            task=task,
+            save_dir=directory,
+            progress=progress,
+            options=options,
+        )
+        ids = list(range(len(checkpoints)))
+        values = np.array(traker.self_scores(model_ids=ids))
+        return Audit.from_self_scores(
+            values, tuple(ids), dict(traker.damping), None if temporary else directory
+        )
