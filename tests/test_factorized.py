@@ -117,6 +117,13 @@ def test_identity_factors_give_the_exact_layer_gradients(
             torch.testing.assert_close(
                 block[:, :, -1], exact[:, start : start + sizes[layer.bias]]
             )
+    for norm in projector.norms:
+        block = features[:, norm.offset : norm.offset + norm.width]
+        names = [n for n in (norm.weight, norm.bias) if n]
+        expected = torch.cat(
+            [exact[:, offsets[n] : offsets[n] + sizes[n]] for n in names], 1
+        )
+        torch.testing.assert_close(block, expected)
     rest = [n for n in layout.names if n in projector.rest.names]
     assert rest == list(projector.rest.names)
     if rest:
@@ -221,12 +228,21 @@ def test_auto_projector_is_logged_and_picks_factorized_for_linear_models(
     assert "projector 'auto' chose 'factorized'" in caplog.text
 
 
+class Scaled(nn.Module):
+    """A frozen Linear layer and a trainable elementwise scale it cannot see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.scale = nn.Parameter(torch.ones(3))
+        self.fc.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x * self.scale)
+
+
 def test_auto_projector_picks_dense_when_few_parameters_are_in_layers(tmp_path):
-    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2))
-    for param in model[0].parameters():
-        param.requires_grad_(False)
-    for param in model[2].parameters():
-        param.requires_grad_(False)
+    model = Scaled()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         traker = kt.TRAKer(model, "classification", 10, tmp_path, proj_dim=4)

@@ -48,6 +48,7 @@ __all__ = [
     "CapturedGradients",
     "FactorizedProjector",
     "FactorLayer",
+    "NormLayer",
     "capture",
     "factorizable",
     "factorized_share",
@@ -108,6 +109,107 @@ class FactorLayer:
         return self.k_in * self.k_out
 
 
+@dataclass
+class NormLayer:
+    """A BatchNorm (eval) or LayerNorm whose affine gradients come from hooks.
+
+    Per example, dγ = Σ g · x̂ and dβ = Σ g over the positions the affine
+    parameters are shared across, where x̂ is the normalized input.
+
+    Attributes:
+        name: Module name.
+        module: The module.
+        weight, bias: Names of γ and β, where selected.
+        channels: Entries of each of γ and β.
+        offset: First feature of this layer in the factorized features.
+    """
+
+    name: str
+    module: nn.Module
+    weight: str | None
+    bias: str | None
+    channels: int
+    offset: int = 0
+
+    @property
+    def width(self) -> int:
+        """Number of selected parameters: γ and β entries."""
+        return self.channels * ((self.weight is not None) + (self.bias is not None))
+
+
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+
+
+def _find_norms(model: nn.Module, layout: ParameterLayout) -> list[NormLayer]:
+    selected = set(layout.names)
+    owners = _owners(model)
+    norms = []
+    for name, module in model.named_modules():
+        if not isinstance(module, _NORM_TYPES):
+            continue
+        if isinstance(module, nn.LayerNorm) and not module.elementwise_affine:
+            continue
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not (
+            module.affine and module.track_running_stats
+        ):
+            continue
+        prefix = f"{name}." if name else ""
+        names = []
+        for kind in ("weight", "bias"):
+            param = getattr(module, kind, None)
+            chosen = param is not None and prefix + kind in selected
+            names.append(prefix + kind if chosen and owners[id(param)] == 1 else None)
+        if names == [None, None]:
+            continue
+        channels = next(
+            p for p in (module.weight, module.bias) if p is not None
+        ).numel()
+        norms.append(NormLayer(name, module, names[0], names[1], channels))
+    return norms
+
+
+def _owners(model: nn.Module) -> dict[int, int]:
+    """How many modules hold each parameter (tied weights are held twice)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    return owners
+
+
+def _norm_gradients(
+    layer: NormLayer, inputs: Tensor, grad_out: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-example dγ and dβ, each (B, channels), of one call."""
+    module = layer.module
+    rows = inputs.shape[0]
+    if isinstance(module, nn.LayerNorm):
+        dims = tuple(range(-len(module.normalized_shape), 0))
+        mean = inputs.mean(dim=dims, keepdim=True)
+        var = inputs.var(dim=dims, unbiased=False, keepdim=True)
+        normalized = (inputs - mean) / torch.sqrt(var + module.eps)
+    else:
+        view = [1, -1] + [1] * (inputs.dim() - 2)
+        mean = module.running_mean.reshape(view)
+        var = module.running_var.reshape(view)
+        normalized = (inputs - mean) / torch.sqrt(var + module.eps)
+        normalized = normalized.transpose(1, -1)
+        grad_out = grad_out.transpose(1, -1)
+    shape = (rows, -1, layer.channels)
+    d_gamma = (grad_out * normalized).reshape(shape).sum(1)
+    d_beta = grad_out.reshape(shape).sum(1)
+    return d_gamma, d_beta
+
+
+def _norm_block(layer: NormLayer, inputs: Tensor, grad_out: Tensor) -> Tensor:
+    """The selected [dγ, dβ] of one call, (B, layer.width)."""
+    d_gamma, d_beta = _norm_gradients(layer, inputs, grad_out)
+    parts = [d_gamma] if layer.weight is not None else []
+    if layer.bias is not None:
+        parts.append(d_beta)
+    return torch.cat(parts, dim=1)
+
+
 def _widths(module: nn.Module, has_bias: bool) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.in_features + has_bias, module.out_features
@@ -158,7 +260,10 @@ class FactorizedProjector:
     ) -> None:
         self.seed, self.model_id, self.exact = seed, model_id, exact
         self.layers = self._find_layers(model, layout)
-        covered = {n for layer in self.layers for n in (layer.weight, layer.bias)}
+        self.norms = _find_norms(model, layout)
+        covered = {
+            n for la in [*self.layers, *self.norms] for n in (la.weight, la.bias) if n
+        }
         rest = [n for n in layout.names if n not in covered]
         shapes = dict(zip(layout.names, layout.shapes, strict=True))
         self.rest = ParameterLayout(tuple(rest), tuple(shapes[n] for n in rest))
@@ -172,6 +277,9 @@ class FactorizedProjector:
             layer.offset = offset
             offset += layer.width
             layer.p_in, layer.p_out = self._factors(layer, index)
+        for norm in self.norms:
+            norm.offset = offset
+            offset += norm.width
         self.rest_projector: Projector | None = None
         if self.rest.numel and exact:
             self.rest_projector = IdentityProjector(self.rest.numel)
@@ -208,10 +316,7 @@ class FactorizedProjector:
     @staticmethod
     def _find_layers(model: nn.Module, layout: ParameterLayout) -> list[FactorLayer]:
         selected = set(layout.names)
-        owners: dict[int, int] = {}
-        for module in model.modules():
-            for param in module.parameters(recurse=False):
-                owners[id(param)] = owners.get(id(param), 0) + 1
+        owners = _owners(model)
         layers = []
         for name, module in model.named_modules():
             prefix = f"{name}." if name else ""
@@ -250,6 +355,7 @@ class FactorizedProjector:
     def describe(self) -> str:
         """One line naming each layer's k_in × k_out."""
         parts = [f"{la.name or '(root)'} {la.k_in}×{la.k_out}" for la in self.layers]
+        parts += [f"{norm.name} exact ({norm.width})" for norm in self.norms]
         if self.rest_projector is not None:
             parts.append(f"{self.rest.numel} other parameters → dense k=")
             parts[-1] += str(self.rest_projector.proj_dim)
@@ -266,14 +372,20 @@ class FactorizedProjector:
             batch: On the model's device and dtype, first dimension B.
 
         Returns:
-            ``(features, weights)``: (B, Σ k_in·k_out) in the model's dtype,
-            and (B,). The dense part for other parameters is not included.
+            ``(features, weights)``: (B, Σ k_in·k_out + norm parameters) in
+            the model's dtype, and (B,). The dense part for other parameters
+            is not included.
         """
-        calls, outputs, weights = capture(model, task, batch, self.layers)
+        captured = [*self.layers, *self.norms]
+        calls, outputs, weights = capture(model, task, batch, captured)
         rows = outputs.shape[0]
         dtype = outputs.dtype
-        result = outputs.new_zeros(rows, sum(la.width for la in self.layers))
+        result = outputs.new_zeros(rows, sum(la.width for la in captured))
         for layer, inputs, grad_out in calls:
+            if isinstance(layer, NormLayer):
+                stop = layer.offset + layer.width
+                result[:, layer.offset : stop] += _norm_block(layer, inputs, grad_out)
+                continue
             a, g = _positions(layer, inputs, grad_out)
             projected_out = g @ layer.p_out.to(g.device, dtype)
             if isinstance(layer.module, nn.Embedding):
@@ -350,12 +462,15 @@ class CapturedGradients:
         self.layers = FactorizedProjector._find_layers(model, layout)
         for layer in self.layers:
             layer.k_in, layer.k_out = layer.n_in, layer.n_out
+        self.norms = _find_norms(model, layout)
         offsets = dict(
             zip(layout.names, itertools.accumulate((0, *layout.sizes)), strict=False)
         )
         self.offsets = offsets
         self.sizes = dict(zip(layout.names, layout.sizes, strict=True))
-        covered = {n for la in self.layers for n in (la.weight, la.bias) if n}
+        covered = {
+            n for la in [*self.layers, *self.norms] for n in (la.weight, la.bias) if n
+        }
         rest = [n for n in layout.names if n not in covered]
         shapes = dict(zip(layout.names, layout.shapes, strict=True))
         self.rest = ParameterLayout(tuple(rest), tuple(shapes[n] for n in rest))
@@ -367,14 +482,19 @@ class CapturedGradients:
 
     def compute(self, batch: Any) -> tuple[Tensor, Tensor]:
         """Per-example gradients (B, p) in layout order and weights (B,)."""
-        calls, outputs, weights = capture(self.model, self.task, batch, self.layers)
+        captured = [*self.layers, *self.norms]
+        calls, outputs, weights = capture(self.model, self.task, batch, captured)
         rows = outputs.shape[0]
         grads = outputs.new_empty(rows, self.layout.numel)
         written: set[int] = set()
         for layer, inputs, grad_out in calls:
-            self._write_layer(grads, layer, inputs, grad_out, id(layer) in written)
+            accumulate = id(layer) in written
+            if isinstance(layer, NormLayer):
+                self._write_norm(grads, layer, inputs, grad_out, accumulate)
+            else:
+                self._write_layer(grads, layer, inputs, grad_out, accumulate)
             written.add(id(layer))
-        for layer in self.layers:
+        for layer in captured:
             if id(layer) not in written:
                 for name in (layer.weight, layer.bias):
                     if name:
@@ -386,6 +506,20 @@ class CapturedGradients:
                 self._columns(grads, name).copy_(rest[:, start : start + size])
                 start += size
         return grads, weights
+
+    def _write_norm(
+        self,
+        grads: Tensor,
+        layer: NormLayer,
+        inputs: Tensor,
+        grad_out: Tensor,
+        accumulate: bool,
+    ) -> None:
+        d_gamma, d_beta = _norm_gradients(layer, inputs, grad_out)
+        for name, value in ((layer.weight, d_gamma), (layer.bias, d_beta)):
+            if name is not None:
+                columns = self._columns(grads, name)
+                columns.add_(value) if accumulate else columns.copy_(value)
 
     def _columns(self, grads: Tensor, name: str) -> Tensor:
         start = self.offsets[name]
@@ -477,7 +611,10 @@ def _embedding_rows(layer: FactorLayer, tokens: Tensor, dtype: torch.dtype) -> T
 
 def factorized_share(model: nn.Module, layout: ParameterLayout) -> float:
     """Share of the selected parameters that the factorized path covers."""
-    layers = FactorizedProjector._find_layers(model, layout)
+    layers = [
+        *FactorizedProjector._find_layers(model, layout),
+        *_find_norms(model, layout),
+    ]
     sizes = dict(zip(layout.names, layout.sizes, strict=True))
     covered = sum(sizes[n] for layer in layers for n in (layer.weight, layer.bias) if n)
     return covered / max(1, layout.numel)
