@@ -191,7 +191,10 @@ def test_cached_and_regenerated_matrices_are_identical():
     g = _gradients(3, 5000, seed=0).float()
 
     assert torch.equal(cached.matrix(), regenerated.matrix())
-    assert torch.equal(cached.project(g), regenerated.project(g))
+    # The streamed product sums block by block: same matrix, other rounding.
+    torch.testing.assert_close(
+        cached.project(g), regenerated.project(g), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_blocks_are_distinct():

@@ -161,9 +161,19 @@ class DenseProjector(Projector):
         _check_slice(offset, stop, self.grad_dim)
         if self._cacheable:
             part = self.matrix(grads.device)[offset:stop]
-        else:
-            part = self.rows(offset, stop).to(grads.device)
-        return grads @ part.to(grads.dtype)
+            return grads @ part.to(grads.dtype)
+        # Too large to keep: stream the blocks, so memory holds one at a time.
+        out = grads.new_zeros(grads.shape[0], self.proj_dim)
+        for index in range(offset // BLOCK_ROWS, (stop - 1) // BLOCK_ROWS + 1):
+            first = max(offset, index * BLOCK_ROWS)
+            last = min(stop, (index + 1) * BLOCK_ROWS)
+            block = self.block(index)[
+                first - index * BLOCK_ROWS : last - index * BLOCK_ROWS
+            ]
+            out += grads[:, first - offset : last - offset] @ block.to(
+                grads.device, grads.dtype
+            )
+        return out
 
 
 class SparseProjector(Projector):
