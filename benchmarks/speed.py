@@ -647,8 +647,7 @@ def render(
         "(for `dense` it includes drawing the matrix). × traker divides by "
         "the faster of the two traker rows at the same k (the conservative "
         "baseline); × floor divides by the "
-        "per-example gradient row. k is the dimension actually produced "
-        "(`factorized` rounds the per-layer split).",
+        "per-example gradient row. k is the dimension produced.",
         "- traker 0.3.2 runs on the CPU with `device='cpu'`, where it picks "
         "its `BasicProjector` (Gaussian, regenerated block by block for every "
         "batch). kerntrace rows are the full `TRAKer.featurize`, store writes "
