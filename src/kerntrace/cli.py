@@ -13,6 +13,17 @@ import numpy as np
 __all__ = ["main", "build_parser"]
 
 
+def _add_run_options(parser: argparse.ArgumentParser, out: str, quick: str) -> None:
+    """The options the demo-like commands share."""
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--checkpoints", type=int, default=5)
+    parser.add_argument("--proj-dim", type=int, default=2048)
+    parser.add_argument(
+        "--quick", action="store_true", help=f"a fast smoke run: {quick}"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress or log")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kerntrace``."""
     parser = argparse.ArgumentParser(
@@ -28,17 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         "attribute each test digit to the training digits, measure the LDS and "
         "write an HTML report.",
     )
-    demo.add_argument("--out", type=Path, default=Path("kerntrace-demo"))
-    demo.add_argument("--checkpoints", type=int, default=5)
-    demo.add_argument("--proj-dim", type=int, default=2048)
+    _add_run_options(
+        demo, "kerntrace-demo", "2 checkpoints, k=256, 6 subsets, short training"
+    )
     demo.add_argument("--subsets", type=int, default=50)
     demo.add_argument("--no-lds", action="store_true", help="skip the LDS")
-    demo.add_argument(
-        "--quick",
-        action="store_true",
-        help="a fast smoke run: 2 checkpoints, k=256, 6 subsets, short training",
-    )
-    demo.add_argument("--quiet", action="store_true", help="no progress or log")
 
     audit = commands.add_parser(
         "audit",
@@ -47,18 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo's MLPs on them, rank the training digits by self-influence and "
         "report how well the flipped ones come first (detection AUC).",
     )
-    audit.add_argument("--out", type=Path, default=Path("kerntrace-audit"))
+    _add_run_options(audit, "kerntrace-audit", "2 checkpoints, k=256, short training")
     audit.add_argument(
         "--fraction", type=float, default=0.1, help="share of labels flipped"
     )
-    audit.add_argument("--checkpoints", type=int, default=5)
-    audit.add_argument("--proj-dim", type=int, default=2048)
-    audit.add_argument(
-        "--quick",
-        action="store_true",
-        help="a fast smoke run: 2 checkpoints, k=256, short training",
-    )
-    audit.add_argument("--quiet", action="store_true", help="no progress or log")
 
     lds = commands.add_parser(
         "lds",
