@@ -457,10 +457,11 @@ class TRAKer:
     def self_scores(self, model_ids: Sequence[int] | None = None) -> np.ndarray:
         """Self-influence τ(z_i, z_i) of every train example.
 
-        It averages φ_m(z_i)ᵀ(Φ_mᵀΦ_m + λ_m I)⁻¹φ_m(z_i) over the checkpoints
-        and multiplies by the averaged loss weight, like ``finalize_scores``
-        with each train example as its own target. High values flag examples
-        the model fits only by memorizing them, such as mislabelled ones.
+        It averages φ_m(z_i)ᵀ K_m⁻¹ φ_m(z_i), with K_m = Φ_mᵀΦ_m + λ_m I,
+        over the checkpoints and multiplies by the averaged loss weight,
+        like ``finalize_scores`` with each train example as its own target.
+        High values flag examples the model fits only by memorizing them,
+        such as mislabelled ones.
         The result is saved as ``self_scores.npy`` in the store.
 
         Args:

@@ -11,7 +11,8 @@ peak memory is one block of features plus one block of scores.
 
 Self-influence is the score of a train example for itself as the target,
 
-    τ(z_i, z_i) = (1/M) Σ_m φ_m(z_i)ᵀ (Φ_mᵀΦ_m + λ_m I)⁻¹ φ_m(z_i)  ×  Q̄_i,
+    τ(z_i, z_i) = (1/M) Σ_m φ_m(z_i)ᵀ K_m⁻¹ φ_m(z_i) × Q̄_i,
+    K_m = Φ_mᵀΦ_m + λ_m I,
 
 the diagonal of the n × n score matrix, computed without forming it. It is
 high for examples the model can only fit by memorizing them, such as
