@@ -208,12 +208,9 @@ class TRAKer:
             self.proj_dim = min(DEFAULT_PROJ_DIM, self.layout.numel)
         else:
             self.proj_dim = int(proj_dim)
-        self._requested_dim = self.proj_dim
         self._described = False
         projector = self._choose_projector(projector)
         self.projector_kind = projector
-        if projector == "factorized":
-            self.proj_dim = self._projector(0).proj_dim
         if self.lambda_reg == 0 and self.proj_dim >= self.train_set_size:
             warnings.warn(
                 f"lambda_reg=0 with proj_dim={self.proj_dim} ≥ train_set_size="
@@ -283,7 +280,7 @@ class TRAKer:
             projector = FactorizedProjector(
                 self.model,
                 self.layout,
-                self._requested_dim,
+                self.proj_dim,
                 seed=self.projector_seed,
                 model_id=model_id,
             )
