@@ -1,11 +1,9 @@
-"""Self-influence, the mislabel audit, detection AUC and their commands."""
+"""Self-influence, the mislabel audit and the detection AUC.
+
+The ``audit`` and ``lds`` commands are tested in test_cli.py.
+"""
 
 from __future__ import annotations
-
-import os
-import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,17 +16,6 @@ from kerntrace.demo import flip_labels
 from kerntrace.scoring import Audit, self_scores
 
 LAMBDA = 0.05
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
-
-
-def run_cli(*arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kerntrace.cli", *arguments],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=ENV,
-    )
 
 
 def _checkpoints(make_mlp, count):
@@ -391,90 +378,3 @@ def test_audit_top_returns_the_most_suspicious_with_their_scores():
     assert len(result.top(50).indices) == 5 and len(result) == 5
     with pytest.raises(kt.ConfigurationError, match="k must be an integer ≥ 0"):
         result.top(-1)
-
-
-# -- the commands ------------------------------------------------------------------
-
-
-def test_audit_command_quick_prints_an_auc_and_the_suspects(tmp_path):
-    done = run_cli("audit", "--quick", "--quiet", "--out", str(tmp_path / "audit"))
-
-    assert done.returncode == 0, done.stderr
-    match = re.search(r"detection AUC of self-influence .*: (\d\.\d{3})", done.stdout)
-    assert match, done.stdout
-    assert 0.0 <= float(match.group(1)) <= 1.0
-    assert "given  original" in done.stdout
-    rows = re.findall(r"^\s+\d+\s+\d+\s+\d\s+\d\s+\S+", done.stdout, re.MULTILINE)
-    assert len(rows) == 10
-    assert len(list((tmp_path / "audit" / "checkpoints").glob("*.pt"))) == 2
-
-
-def _lds_files(tmp_path, *, masks_shape=None):
-    rng = np.random.default_rng(0)
-    scores = rng.normal(size=(20, 4))
-    masks = evaluate.make_subsets(20, 12, seed=1)
-    outputs = masks @ scores + 0.5 * rng.normal(size=(12, 4))
-    if masks_shape is not None:
-        masks = np.ones(masks_shape, dtype=bool)
-    paths = {}
-    for name, array in (("scores", scores), ("masks", masks), ("outputs", outputs)):
-        paths[name] = tmp_path / f"{name}.npy"
-        np.save(paths[name], array)
-    return paths, (scores, masks, outputs)
-
-
-def _lds_arguments(paths):
-    return [f"--{name}={path}" for name, path in paths.items()]
-
-
-def test_lds_command_prints_the_value_of_evaluate_lds(tmp_path):
-    paths, arrays = _lds_files(tmp_path)
-
-    done = run_cli("lds", *_lds_arguments(paths), timeout=60)
-
-    expected = evaluate.lds(*arrays)
-    assert done.returncode == 0, done.stderr
-    low, high = expected.interval
-    assert f"LDS {expected.value:.6f} (95% CI {low:.6f} to {high:.6f})" in done.stdout
-    assert "over 4 of 4 targets and 12 subsets" in done.stdout
-
-
-def test_lds_command_refuses_masks_of_the_wrong_shape(tmp_path):
-    paths, _ = _lds_files(tmp_path, masks_shape=(12, 19))
-
-    done = run_cli("lds", *_lds_arguments(paths), timeout=60)
-
-    assert done.returncode == 2
-    assert "masks.npy" in done.stderr and "(12, 19)" in done.stderr
-    assert "n_train=20" in done.stderr
-
-
-def test_lds_command_refuses_outputs_of_the_wrong_shape(tmp_path):
-    paths, (_, _, outputs) = _lds_files(tmp_path)
-    np.save(paths["outputs"], outputs[:, :3])
-
-    done = run_cli("lds", *_lds_arguments(paths), timeout=60)
-
-    assert done.returncode == 2
-    assert "outputs.npy" in done.stderr and "(12, 3)" in done.stderr
-
-
-def test_lds_command_refuses_a_missing_file(tmp_path):
-    paths, _ = _lds_files(tmp_path)
-    paths["scores"] = tmp_path / "absent.npy"
-
-    done = run_cli("lds", *_lds_arguments(paths), timeout=60)
-
-    assert done.returncode == 2
-    assert "--scores file" in done.stderr and "absent.npy" in done.stderr
-    assert "does not exist" in done.stderr
-
-
-def test_help_lists_the_audit_and_lds_commands():
-    done = run_cli("--help", timeout=60)
-
-    assert done.returncode == 0, done.stderr
-    assert "audit" in done.stdout and "lds" in done.stdout
-    audit_help = run_cli("audit", "--help", timeout=60).stdout
-    for option in ("--out", "--fraction", "--checkpoints", "--proj-dim", "--quiet"):
-        assert option in audit_help

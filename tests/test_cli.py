@@ -11,9 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import kerntrace
+from kerntrace import evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
@@ -172,3 +174,92 @@ def test_every_module_exports_what_it_lists(module):
     missing = [name for name in loaded.__all__ if not hasattr(loaded, name)]
 
     assert missing == []
+
+
+# -- the commands ------------------------------------------------------------------
+
+
+def test_audit_command_quick_prints_an_auc_and_the_suspects(tmp_path):
+    done = run(
+        "audit", "--quick", "--quiet", "--out", str(tmp_path / "audit"), timeout=300
+    )
+
+    assert done.returncode == 0, done.stderr
+    match = re.search(r"detection AUC of self-influence .*: (\d\.\d{3})", done.stdout)
+    assert match, done.stdout
+    assert 0.0 <= float(match.group(1)) <= 1.0
+    assert "given  original" in done.stdout
+    rows = re.findall(r"^\s+\d+\s+\d+\s+\d\s+\d\s+\S+", done.stdout, re.MULTILINE)
+    assert len(rows) == 10
+    assert len(list((tmp_path / "audit" / "checkpoints").glob("*.pt"))) == 2
+
+
+def _lds_files(tmp_path, *, masks_shape=None):
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(20, 4))
+    masks = evaluate.make_subsets(20, 12, seed=1)
+    outputs = masks @ scores + 0.5 * rng.normal(size=(12, 4))
+    if masks_shape is not None:
+        masks = np.ones(masks_shape, dtype=bool)
+    paths = {}
+    for name, array in (("scores", scores), ("masks", masks), ("outputs", outputs)):
+        paths[name] = tmp_path / f"{name}.npy"
+        np.save(paths[name], array)
+    return paths, (scores, masks, outputs)
+
+
+def _lds_arguments(paths):
+    return [f"--{name}={path}" for name, path in paths.items()]
+
+
+def test_lds_command_prints_the_value_of_evaluate_lds(tmp_path):
+    paths, arrays = _lds_files(tmp_path)
+
+    done = run("lds", *_lds_arguments(paths), timeout=60)
+
+    expected = evaluate.lds(*arrays)
+    assert done.returncode == 0, done.stderr
+    low, high = expected.interval
+    assert f"LDS {expected.value:.6f} (95% CI {low:.6f} to {high:.6f})" in done.stdout
+    assert "over 4 of 4 targets and 12 subsets" in done.stdout
+
+
+def test_lds_command_refuses_masks_of_the_wrong_shape(tmp_path):
+    paths, _ = _lds_files(tmp_path, masks_shape=(12, 19))
+
+    done = run("lds", *_lds_arguments(paths), timeout=60)
+
+    assert done.returncode == 2
+    assert "masks.npy" in done.stderr and "(12, 19)" in done.stderr
+    assert "n_train=20" in done.stderr
+
+
+def test_lds_command_refuses_outputs_of_the_wrong_shape(tmp_path):
+    paths, (_, _, outputs) = _lds_files(tmp_path)
+    np.save(paths["outputs"], outputs[:, :3])
+
+    done = run("lds", *_lds_arguments(paths), timeout=60)
+
+    assert done.returncode == 2
+    assert "outputs.npy" in done.stderr and "(12, 3)" in done.stderr
+
+
+def test_lds_command_refuses_a_missing_file(tmp_path):
+    paths, _ = _lds_files(tmp_path)
+    paths["scores"] = tmp_path / "absent.npy"
+
+    done = run("lds", *_lds_arguments(paths), timeout=60)
+
+    assert done.returncode == 2
+    assert "--scores file" in done.stderr and "absent.npy" in done.stderr
+    assert "does not exist" in done.stderr
+
+
+def test_help_lists_the_audit_and_lds_commands():
+    done = run("--help", timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    assert "audit" in done.stdout and "lds" in done.stdout
+    audit_help = run("audit", "--help", timeout=60).stdout
+    for option in ("--out", "--fraction", "--checkpoints", "--proj-dim", "--quiet"):
+        assert option in audit_help
