@@ -73,11 +73,13 @@ def test_self_scores_equal_the_diagonal_of_the_dense_formula(
     for checkpoint in checkpoints:
         model.load_state_dict(checkpoint)
         phi = loop_gradients(model, xs, ys).numpy()
-        inverse = np.linalg.inv(phi.T @ phi + LAMBDA * np.eye(phi.shape[1]))
-        quadratic = quadratic + np.diag(phi @ inverse @ phi.T)
         with torch.no_grad():
             probs = torch.softmax(model(xs), dim=1)
-        weight = weight + (1 - probs[torch.arange(len(ys)), ys]).numpy()
+        q = (1 - probs[torch.arange(len(ys)), ys]).numpy().astype(np.float64)
+        curvature = q * (1 - q)  # R = p_y (1 - p_y)
+        kernel = phi.T @ (phi * curvature[:, None]) + LAMBDA * np.eye(phi.shape[1])
+        quadratic = quadratic + np.diag(phi @ np.linalg.inv(kernel) @ phi.T)
+        weight = weight + q
     expected = (quadratic / 2) * (weight / 2)
     assert values.shape == (40,)
     assert values.dtype == np.float64

@@ -1,12 +1,12 @@
-"""The kernel: blockwise ΦᵀΦ, the automatic damping rule, the Cholesky solve."""
+"""The kernel: blockwise ΦᵀRΦ, the automatic damping rule, the Cholesky solve."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kerntrace import kernel
-from kerntrace.errors import NumericalError
+from kerntrace import kernel, outputs
+from kerntrace.errors import ConfigurationError, NumericalError
 
 
 def _features(n: int, k: int, *, seed: int = 0, rank: int | None = None) -> np.ndarray:
@@ -23,6 +23,55 @@ def test_gram_blockwise_equals_dense(block_rows):
     np.testing.assert_allclose(
         kernel.gram(phi, block_rows=block_rows), expected, rtol=1e-12
     )
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 10_000])
+def test_weighted_gram_equals_the_dense_weighted_product(block_rows):
+    phi = _features(50, 12, seed=3)
+    weights = np.random.default_rng(4).uniform(0, 0.25, size=50)
+    expected = phi.T @ (weights[:, None] * phi)
+    np.testing.assert_allclose(
+        kernel.gram(phi, weights, block_rows=block_rows), expected, rtol=1e-12
+    )
+
+
+def test_classification_curvature_is_the_logistic_second_derivative():
+    q = np.array([0.0, 0.1, 0.5, 0.9, 1.0])  # Q = 1 - p_y
+    weights = outputs.curvature(outputs.ClassificationTask(), q)
+    np.testing.assert_allclose(weights, [0.0, 0.09, 0.25, 0.09, 0.0])
+    np.testing.assert_array_equal(
+        outputs.curvature(outputs.RegressionTask(), q), np.ones(5)
+    )
+
+
+def test_a_user_task_without_curvature_gets_the_plain_kernel():
+    class Task:
+        name = "mine"
+
+        def output(self, model, batch):
+            return model(batch[0]).sum(-1)
+
+        def out_to_loss(self, model, batch):
+            return batch[1]
+
+    np.testing.assert_array_equal(outputs.curvature(Task(), np.arange(3.0)), 1.0)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [lambda q: -q, lambda q: q[:2], lambda q: q * np.nan],
+    ids=["neg", "shape", "nan"],
+)
+def test_a_bad_user_curvature_is_refused(values):
+    class Task:
+        name = "mine"
+        output = out_to_loss = None
+
+        def curvature(self, q):
+            return values(q)
+
+    with pytest.raises(ConfigurationError, match="curvature"):
+        outputs.curvature(Task(), np.arange(1.0, 4.0))
 
 
 @pytest.mark.parametrize("k", [64, 128, 512])

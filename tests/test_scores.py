@@ -25,9 +25,18 @@ def _checkpoints(make_mlp, count, **shape):
 
 
 def _reference_scores(
-    model, checkpoints, train, targets, loop_gradients, *, projection, lam
+    model,
+    checkpoints,
+    train,
+    targets,
+    loop_gradients,
+    *,
+    projection,
+    lam,
+    weighted=True,
 ):
-    """DESIGN's formula, densely: τ = [mean_m F_m φ_m(z')ᵀ] × [mean_m Q_m]."""
+    """DESIGN's formula, densely: τ = [mean_m F_m φ_m(z')ᵀ] × [mean_m Q_m],
+    with F_m = Φ_m (Φ_mᵀ R_m Φ_m + λI)⁻¹ (R = I when not ``weighted``)."""
     xs, ys = train
     xt, yt = targets
     mean_features = 0.0
@@ -37,12 +46,14 @@ def _reference_scores(
         p_matrix = projection(model_id).numpy()
         phi = loop_gradients(model, xs, ys).numpy() @ p_matrix
         phi_targets = loop_gradients(model, xt, yt).numpy() @ p_matrix
-        kernel = phi.T @ phi + lam * np.eye(phi.shape[1])
-        train_features = np.linalg.solve(kernel, phi.T).T  # Φ (ΦᵀΦ + λI)⁻¹
-        mean_features = mean_features + train_features @ phi_targets.T
         with torch.no_grad():
             probs = torch.softmax(model(xs), dim=1)
-        mean_q = mean_q + (1 - probs[torch.arange(len(ys)), ys]).numpy()
+        q = (1 - probs[torch.arange(len(ys)), ys]).numpy().astype(np.float64)
+        curvature = q * (1 - q) if weighted else np.ones_like(q)  # R = p_y (1 - p_y)
+        kernel = phi.T @ (phi * curvature[:, None]) + lam * np.eye(phi.shape[1])
+        train_features = np.linalg.solve(kernel, phi.T).T  # Φ (ΦᵀRΦ + λI)⁻¹
+        mean_features = mean_features + train_features @ phi_targets.T
+        mean_q = mean_q + q
     count = len(checkpoints)
     return (mean_features / count) * (mean_q / count)[:, None]
 
@@ -59,8 +70,9 @@ def _assert_scores_close(actual, expected, rtol=1e-5):
 
 
 @pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("curvature", [True, False], ids=["weighted", "plain"])
 def test_dense_scores_equal_the_formula(
-    tmp_path, make_mlp, make_classification, loop_gradients, run_traker
+    tmp_path, make_mlp, make_classification, loop_gradients, run_traker, curvature
 ):
     model = make_mlp(dtype=torch.float64)
     checkpoints = _checkpoints(make_mlp, 2)
@@ -78,6 +90,7 @@ def test_dense_scores_equal_the_formula(
         projector="dense",
         projector_seed=seed,
         lambda_reg=LAMBDA,
+        curvature=curvature,
         feature_dtype="float64",
     )
 
@@ -93,6 +106,7 @@ def test_dense_scores_equal_the_formula(
         loop_gradients,
         projection=projection,
         lam=LAMBDA,
+        weighted=curvature,
     )
     assert scores.shape == (40, 6)
     _assert_scores_close(scores, expected)

@@ -349,9 +349,11 @@ def expected_scores(save_dir: Path, ids, exp: str = "val") -> np.ndarray:
         damping = json.loads((folder / "kernel.json").read_text())["damping"]
         target_file = save_dir / "experiments" / exp / "models" / str(model_id)
         target = np.load(target_file / "features.npy").astype(np.float64)
-        kernel = phi.T @ phi + damping * np.eye(phi.shape[1])
+        q = np.load(folder / "out_to_loss.npy").astype(np.float64)
+        curvature = q * (1 - q)  # R = p_y (1 - p_y) of the classification task
+        kernel = phi.T @ (phi * curvature[:, None]) + damping * np.eye(phi.shape[1])
         total = total + phi @ np.linalg.solve(kernel, target.T)
-        weights = weights + np.load(folder / "out_to_loss.npy").astype(np.float64)
+        weights = weights + q
     return (total / len(ids)) * (weights / len(ids))[:, None]
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import kernel
+from . import kernel, outputs
 from .checkpoints import fingerprint, load_into
 from .errors import (
     BatchError,
@@ -142,10 +142,14 @@ class TRAKer:
             ``"sparse"`` (sparse JL) and ``"identity"`` (no projection)
             project per-example gradient vectors.
         projector_seed: Seed of the random projection.
-        lambda_reg: The damping λ. ``None`` chooses it per checkpoint as
-            0.3 times the mean squared feature norm, tr(ΦᵀΦ)/n (see
-            ``kernel.choose_damping``), and logs it; a number is used as
-            given.
+        lambda_reg: The damping λ of the kernel ΦᵀRΦ + λI, R the loss
+            curvature of each train example (``outputs.curvature``). ``None``
+            chooses it per checkpoint as 0.2 times the mean weighted squared
+            feature norm, tr(ΦᵀRΦ)/n (see ``kernel.choose_damping``), and
+            logs it; a number is used as given.
+        curvature: Weight each train example in the kernel by its loss
+            curvature R (the Gauss–Newton ΦᵀRΦ, the default); ``False``
+            forms the plain ΦᵀΦ, as ``traker`` does.
         grad_wrt: Parameter or module names to differentiate; ``None`` takes
             every parameter with ``requires_grad=True``.
         use_half_precision: Store features in float16 (the solve stays in
@@ -167,6 +171,7 @@ class TRAKer:
         projector: str = "auto",
         projector_seed: int = 0,
         lambda_reg: float | None = None,
+        curvature: bool = True,
         grad_wrt: Sequence[str] | str | None = None,
         use_half_precision: bool = False,
         feature_dtype: str | None = None,
@@ -196,6 +201,7 @@ class TRAKer:
         self.layout = select_parameters(model, grad_wrt)
         self.projector_seed = int(projector_seed)
         self.lambda_reg = None if lambda_reg is None else float(lambda_reg)
+        self.curvature = bool(curvature)
         self.memory_bytes = memory_bytes
         kinds = (*PROJECTORS, "factorized", "auto")
         if projector not in kinds:
@@ -214,7 +220,7 @@ class TRAKer:
         if self.lambda_reg == 0 and self.proj_dim >= self.train_set_size:
             warnings.warn(
                 f"lambda_reg=0 with proj_dim={self.proj_dim} ≥ train_set_size="
-                f"{self.train_set_size}: the kernel ΦᵀΦ is singular and the "
+                f"{self.train_set_size}: the kernel ΦᵀRΦ is singular and the "
                 "scores would be noise; leave lambda_reg=None to choose the "
                 "damping automatically",
                 kernel.IllConditionedWarning,
@@ -406,6 +412,10 @@ class TRAKer:
         for model_id in ids:
             self._finalize_model(int(model_id))
 
+    @property
+    def _kernel_form(self) -> str:
+        return kernel.WEIGHTED if self.curvature else kernel.PLAIN
+
     def _finalize_model(self, model_id: int) -> None:
         relative = f"models/{model_id}/kernel.json"
         if model_id not in self.store.model_ids():
@@ -422,10 +432,17 @@ class TRAKer:
                 "featurize them before finalize_features()"
             )
         recorded = self.store.read(relative)
-        if recorded is not None and recorded.get("lambda_reg") == self.lambda_reg:
+        if (
+            recorded is not None
+            and recorded.get("lambda_reg") == self.lambda_reg
+            and recorded.get("form") == self._kernel_form
+        ):
             logger.info("model id %d: kernel already finalized, kept", model_id)
             return
-        gram = kernel.gram(arrays.features)
+        weights = (
+            outputs.curvature(self.task, arrays.weights) if self.curvature else None
+        )
+        gram = kernel.gram(arrays.features, weights)
         if self.lambda_reg is None:
             damping = kernel.choose_damping(gram, self.train_set_size)
         else:
@@ -435,6 +452,7 @@ class TRAKer:
         self.store.write(
             relative,
             {
+                "form": self._kernel_form,
                 "lambda_reg": self.lambda_reg,
                 "damping": damping.value,
                 "rule": damping.rule,
@@ -442,10 +460,11 @@ class TRAKer:
             },
         )
         logger.info(
-            "model id %d: damping λ=%.4g (%s), kernel of size %d factored",
+            "model id %d: damping λ=%.4g (%s), %s kernel of size %d factored",
             model_id,
             damping.value,
             damping.rule,
+            self._kernel_form,
             self.proj_dim,
         )
 

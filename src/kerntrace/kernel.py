@@ -1,10 +1,14 @@
-"""The kernel ΦᵀΦ + λI of each checkpoint: formed blockwise, damped, solved.
+"""The kernel ΦᵀRΦ + λI of each checkpoint: formed blockwise, damped, solved.
 
-Φ is the (n, k) matrix of a checkpoint's train features. The kernel is
-accumulated in float64 from blocks of rows, so memory is bounded by the
-block size and k, not by n. It is factored by Cholesky; an explicit inverse
-is never formed. The linear algebra runs in torch (float64), whose LAPACK is
-the same on every platform torch ships for.
+Φ is the (n, k) matrix of a checkpoint's train features and R the diagonal
+of the loss's curvature in each example's output (``outputs.curvature``):
+ΦᵀRΦ is the Gauss–Newton Hessian of the training loss in feature space,
+the matrix of the Newton step that TRAK's derivation for logistic
+regression starts from. The kernel is accumulated in float64 from blocks
+of rows, so memory is bounded by the block size and k, not by n. It is
+factored by Cholesky; an explicit inverse is never formed. The linear
+algebra runs in torch (float64), whose LAPACK is the same on every
+platform torch ships for.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from .errors import NumericalError
 
 __all__ = [
     "gram",
+    "WEIGHTED",
+    "PLAIN",
     "Damping",
     "choose_damping",
     "DAMPING_FRACTION",
@@ -30,28 +36,45 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+WEIGHTED, PLAIN = "curvature-weighted", "plain"
+"""The forms of kernel, ΦᵀRΦ and ΦᵀΦ, recorded with each factor; a stored
+factor of another form than asked for is formed again."""
+
 
 class IllConditionedWarning(UserWarning):
     """The damped kernel is so ill-conditioned that scores are unreliable."""
 
 
-def gram(features: np.ndarray, *, block_rows: int = 4096) -> np.ndarray:
-    """ΦᵀΦ accumulated over blocks of rows, in float64.
+def gram(
+    features: np.ndarray,
+    weights: np.ndarray | None = None,
+    *,
+    block_rows: int = 4096,
+) -> np.ndarray:
+    """ΦᵀRΦ accumulated over blocks of rows, in float64.
 
     Args:
-        features: Shape (n, k), any floating dtype; a memmap is read block by
-            block.
+        features: Φ, shape (n, k), any floating dtype; a memmap is read
+            block by block.
+        weights: The diagonal of R, shape (n,); ``None`` means R = I.
         block_rows: Rows read at a time.
 
     Returns:
         Shape (k, k), float64, symmetric.
     """
-    k = features.shape[1]
+    n, k = features.shape
+    if weights is not None and np.shape(weights) != (n,):
+        raise ValueError(f"weights must have shape ({n},), got {np.shape(weights)}")
     total = torch.zeros((k, k), dtype=torch.float64)
-    for start in range(0, features.shape[0], block_rows):
+    for start in range(0, n, block_rows):
         block = np.asarray(features[start : start + block_rows], dtype=np.float64)
         block = torch.from_numpy(block)
-        total.addmm_(block.T, block)
+        if weights is None:
+            weighted = block
+        else:
+            rows = np.asarray(weights[start : start + block_rows], dtype=np.float64)
+            weighted = block * torch.from_numpy(rows)[:, None]
+        total.addmm_(weighted.T, block)
     return total.numpy()
 
 
@@ -68,28 +91,30 @@ class Damping:
     rule: str
 
 
-DAMPING_FRACTION = 0.3
+DAMPING_FRACTION = 0.2
 
 
 def choose_damping(kernel: np.ndarray, n: int) -> Damping:
-    """Choose λ as a fixed fraction of the mean squared feature norm.
+    """Choose λ as a fixed fraction of the mean weighted squared feature norm.
 
-    The rule is λ = 0.3 · tr(ΦᵀΦ) / n = 0.3 · mean_i ‖φ(z_i)‖², the mean
-    diagonal entry of the n × n Gram matrix ΦΦᵀ. Because a projection keeps
-    squared norms in expectation, this λ does not change with k, so the
-    kernel stays well conditioned when k ≥ n (where ΦᵀΦ is singular) and
-    scores settle as k grows. It scales with the features: multiplying the
-    model output by c multiplies λ by c², which leaves the scores unchanged.
+    The rule is λ = 0.2 · tr(ΦᵀRΦ) / n = 0.2 · mean_i R_i ‖φ(z_i)‖², the
+    mean diagonal entry of the n × n matrix R^½ΦΦᵀR^½. Because a projection
+    keeps squared norms in expectation, this λ does not change with k, so
+    the kernel stays well conditioned when k ≥ n (where ΦᵀRΦ is singular)
+    and scores settle as k grows. It scales with the features: multiplying
+    the model output by c multiplies λ by c², which leaves the scores
+    unchanged.
 
-    The fraction 0.3 comes from the LDS of MLPs on scikit-learn's digits
-    (1,200 train, 597 targets, 50 retrained half-subsets): it was best, at
-    the top of a flat optimum from 0.2 to 0.5, for k = 512 and k = 2,048 and
-    for 1 and 5 checkpoints. At k = 2,048 with 5 checkpoints the fractions
-    0.05, 0.1, 0.2, 0.3, 0.5 and 1 gave LDS 0.564, 0.596, 0.614, 0.617,
-    0.613 and 0.594; λ = 0 gives noise there, since k > n.
+    The fraction comes from the LDS of the quality benchmark
+    (``benchmarks/quality.py``: MLPs on scikit-learn digits, 1,200 train,
+    and on 5,000 Fashion-MNIST images; 100 retrained half-subsets each).
+    With the curvature-weighted kernel the best fraction was about 0.3 on
+    digits and 0.05–0.15 on Fashion-MNIST, at every k and for 1, 5 and 10
+    checkpoints; 0.2 stays within 0.01 of the best on digits and within 0.04
+    on Fashion-MNIST, and above ``traker``'s best λ on both.
 
     Args:
-        kernel: ΦᵀΦ, shape (k, k), float64.
+        kernel: ΦᵀRΦ, shape (k, k), float64.
         n: Number of train examples behind it.
 
     Returns:
@@ -100,10 +125,10 @@ def choose_damping(kernel: np.ndarray, n: int) -> Damping:
 
 
 def factor(kernel: np.ndarray, damping: float, *, n: int) -> np.ndarray:
-    """Lower Cholesky factor of ΦᵀΦ + λI.
+    """Lower Cholesky factor of ΦᵀRΦ + λI.
 
     Args:
-        kernel: ΦᵀΦ, shape (k, k), float64.
+        kernel: ΦᵀRΦ, shape (k, k), float64.
         damping: λ ≥ 0.
         n: Number of train examples, used to explain failures.
 
@@ -117,21 +142,21 @@ def factor(kernel: np.ndarray, damping: float, *, n: int) -> np.ndarray:
     damped = torch.from_numpy(np.asarray(kernel, dtype=np.float64)).clone()
     damped.diagonal().add_(damping)
     cause = (
-        f"with proj_dim k={k} ≥ n={n} train examples the kernel ΦᵀΦ has rank "
+        f"with proj_dim k={k} ≥ n={n} train examples the kernel ΦᵀRΦ has rank "
         "at most n and is singular"
         if k >= n
         else "duplicated or linearly dependent train examples make the kernel singular"
     )
     if not bool(torch.isfinite(damped).all()):
         raise NumericalError(
-            "the kernel ΦᵀΦ holds NaN or infinity: some stored features are not "
+            "the kernel ΦᵀRΦ holds NaN or infinity: some stored features are not "
             "finite; featurize again with finite gradients (float32 storage if "
             "float16 overflowed)"
         )
     lower, info = torch.linalg.cholesky_ex(damped)
     if int(info) != 0:
         raise NumericalError(
-            f"the kernel ΦᵀΦ + λI with λ={damping:g} is not positive definite "
+            f"the kernel ΦᵀRΦ + λI with λ={damping:g} is not positive definite "
             f"(Cholesky failed at pivot {int(info)}): {cause}; leave "
             "lambda_reg=None to choose λ automatically, or set lambda_reg > 0"
         )
@@ -139,7 +164,7 @@ def factor(kernel: np.ndarray, damping: float, *, n: int) -> np.ndarray:
     pivots = np.diag(lower) ** 2
     if pivots.min() < 1e-12 * pivots.max():
         warnings.warn(
-            f"the kernel ΦᵀΦ + λI with λ={damping:g} is nearly singular "
+            f"the kernel ΦᵀRΦ + λI with λ={damping:g} is nearly singular "
             f"(pivot ratio {pivots.min() / pivots.max():.1e}): {cause}, so the "
             "scores are dominated by round-off; leave lambda_reg=None or raise it",
             IllConditionedWarning,
@@ -149,7 +174,7 @@ def factor(kernel: np.ndarray, damping: float, *, n: int) -> np.ndarray:
 
 
 def solve(lower: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Solve (ΦᵀΦ + λI) X = rhs given the Cholesky factor.
+    """Solve (ΦᵀRΦ + λI) X = rhs given the Cholesky factor.
 
     Args:
         lower: Shape (k, k), from ``factor``.

@@ -2,7 +2,10 @@
 
 A task turns a batch into one scalar output per example, f(z; θ), and gives
 the out-to-loss weight Q(z) = -∂L/∂f that TRAK multiplies into the scores.
-A user task is any object with the same two methods and a ``name``.
+From Q it also gives the curvature R(z) = ∂²L/∂f², the weight of each train
+example in the kernel ΦᵀRΦ (the Gauss–Newton Hessian of the loss in the
+features). A user task is any object with ``name``, ``output`` and
+``out_to_loss``; ``curvature`` is optional and defaults to R = 1.
 
 ``model`` below is always a callable that runs the network on the model
 inputs, so a task never sees parameters and works unchanged under
@@ -14,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,6 +28,7 @@ __all__ = [
     "ClassificationTask",
     "RegressionTask",
     "get_task",
+    "curvature",
     "TASKS",
 ]
 
@@ -47,6 +52,46 @@ class Task(Protocol):
     def out_to_loss(self, model: Callable[..., Tensor], batch: Batch) -> Tensor:
         """Return the out-to-loss weight -∂L/∂f, one per example, shape (B,)."""
         ...
+
+
+def curvature(task: Task, out_to_loss: np.ndarray) -> np.ndarray:
+    """The curvature R = ∂²L/∂f² of each example, from its out-to-loss weight.
+
+    A task that defines ``curvature(out_to_loss)`` gives it; any other task
+    gets R = 1, which makes the kernel the plain ΦᵀΦ.
+
+    Args:
+        task: The task the store was featurized with.
+        out_to_loss: Q of each example, shape (n,).
+
+    Returns:
+        Shape (n,), float64, each value ≥ 0.
+
+    Raises:
+        ConfigurationError: The task's curvature has the wrong shape or a
+            negative or non-finite value.
+    """
+    q = np.asarray(out_to_loss, dtype=np.float64)
+    method = getattr(task, "curvature", None)
+    if method is None:
+        return np.ones_like(q)
+    weights = np.asarray(method(q), dtype=np.float64)
+    if (
+        weights.shape != q.shape
+        or not np.all(np.isfinite(weights))
+        or np.any(weights < 0)
+    ):
+        raise ConfigurationError(
+            f"task {task.name!r}: curvature(out_to_loss) must return {q.shape[0]} "
+            f"finite values ≥ 0, got shape {weights.shape}"
+            + (
+                ""
+                if weights.shape != q.shape
+                else f" with minimum {np.nanmin(weights):g}"
+            )
+            + "; fix the task's curvature method or remove it (R = 1)"
+        )
+    return weights
 
 
 def _split_xy(batch: Batch, task: str) -> tuple[Tensor, Tensor]:
@@ -95,6 +140,11 @@ class ClassificationTask:
         """Return 1 - p_y = sigmoid(-margin), shape (B,), values in [0, 1]."""
         return torch.sigmoid(-self.output(model, batch))
 
+    def curvature(self, out_to_loss: np.ndarray) -> np.ndarray:
+        """Return p_y(1 - p_y) = Q(1 - Q), the logistic loss's second
+        derivative in the margin."""
+        return out_to_loss * (1.0 - out_to_loss)
+
 
 class RegressionTask:
     """Squared-error regression: f is the prediction, Q = y - f.
@@ -125,6 +175,10 @@ class RegressionTask:
         x, y = _split_xy(batch, self.name)
         prediction = self._prediction(model, x)
         return y.reshape(prediction.shape).to(prediction.dtype) - prediction
+
+    def curvature(self, out_to_loss: np.ndarray) -> np.ndarray:
+        """Return 1: half the squared error has constant curvature."""
+        return np.ones_like(out_to_loss)
 
 
 TASKS: dict[str, Callable[[], Task]] = {
