@@ -76,22 +76,19 @@ def curvature(task: Task, out_to_loss: np.ndarray) -> np.ndarray:
     if method is None:
         return np.ones_like(q)
     weights = np.asarray(method(q), dtype=np.float64)
-    if (
-        weights.shape != q.shape
-        or not np.all(np.isfinite(weights))
-        or np.any(weights < 0)
-    ):
-        raise ConfigurationError(
-            f"task {task.name!r}: curvature(out_to_loss) must return {q.shape[0]} "
-            f"finite values ≥ 0, got shape {weights.shape}"
-            + (
-                ""
-                if weights.shape != q.shape
-                else f" with minimum {np.nanmin(weights):g}"
-            )
-            + "; fix the task's curvature method or remove it (R = 1)"
-        )
-    return weights
+    if weights.shape != q.shape:
+        problem = f"got shape {weights.shape}"
+    elif not np.all(np.isfinite(weights)):
+        problem = f"got {int(np.sum(~np.isfinite(weights)))} non-finite values"
+    elif np.any(weights < 0):
+        problem = f"got a negative value, {weights.min():g}"
+    else:
+        return weights
+    raise ConfigurationError(
+        f"task {task.name!r}: curvature(out_to_loss) must return {q.shape[0]} "
+        f"finite values ≥ 0, {problem}; fix the task's curvature method or "
+        "remove it (R = 1)"
+    )
 
 
 def _split_xy(batch: Batch, task: str) -> tuple[Tensor, Tensor]:
