@@ -17,6 +17,9 @@ Everything expensive is cached under ``benchmarks/.cache/quality/<dataset>/``
 only computes what is missing. The tables, timings and pass/fail checks go
 into the Quality section of ``benchmarks/RESULTS.md``.
 
+kerntrace's other projectors (``plan.projectors`` at ``plan.projector_dims``)
+run with the same defaults, to compare their LDS at equal k.
+
 Run ``python benchmarks/quality.py [--datasets digits fashion] [--quick]``.
 """
 
@@ -102,6 +105,9 @@ class Plan:
         traker_budget: Seconds; a traker featurization estimated (from its
             first batch) to take longer is skipped.
         batch: Batch size of featurization and scoring, for both tools.
+        projectors: Projectors run besides the default (``auto``) at
+            ``projector_dims``, to compare their LDS at equal k.
+        projector_dims: The k values of that comparison.
     """
 
     checkpoints: int = 10
@@ -113,6 +119,8 @@ class Plan:
     full_grid_max_k: int = 2048
     traker_budget: float = 600.0
     batch: int = 500
+    projectors: tuple[str, ...] = ("dense", "sparse")
+    projector_dims: tuple[int, ...] = (512, 2048)
 
 
 QUICK = Plan(
@@ -124,6 +132,7 @@ QUICK = Plan(
     search_grid=(1e-1, 1e1),
     full_grid_max_k=256,
     traker_budget=120.0,
+    projector_dims=(256,),
 )
 
 
@@ -306,8 +315,13 @@ def lds_record(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray) -> di
 # -- kerntrace ------------------------------------------------------------------
 
 
-def _store(problem: Problem, k: int, cache: Path) -> Path:
-    return cache / f"kerntrace-{problem.recipe.tag()}-k{k}"
+def _store(problem: Problem, k: int, cache: Path, projector: str = "auto") -> Path:
+    return cache / f"kerntrace-{projector}-{problem.recipe.tag()}-k{k}"
+
+
+def _key(k: int, projector: str = "auto") -> str:
+    """Results key of kerntrace at k: the default (``auto``) or a projector."""
+    return f"kerntrace/k{k}" if projector == "auto" else f"kerntrace/{projector}/k{k}"
 
 
 def source_stamp() -> str:
@@ -353,19 +367,22 @@ def run_kerntrace(
     truth: tuple[np.ndarray, np.ndarray],
     cache: Path,
     results: Results,
+    projector: str = "auto",
 ) -> None:
-    """kerntrace defaults at k: featurize once with every checkpoint, score
-    with the first M of them for each M."""
-    key = f"kerntrace/k{k}"
+    """kerntrace defaults at k (``projector`` the only other option given):
+    featurize once with every checkpoint, score with the first M of them for
+    each M."""
+    key = _key(k, projector)
     if results.get(key) is not None:
         return
-    store = _store(problem, k, cache)
+    store = _store(problem, k, cache, projector)
     traker = kerntrace.TRAKer(
         models.mlp(problem.recipe.widths),
         "image_classification",
         len(problem.train),
         store,
         proj_dim=k,
+        projector=projector,
     )
     started = time.perf_counter()
     for model_id, path in enumerate(tqdm(paths, desc=f"kerntrace k={k}", leave=False)):
@@ -382,6 +399,7 @@ def run_kerntrace(
     scored = time.perf_counter()
     record: dict[str, Any] = {
         "source": SOURCE,
+        "projector": traker.projector_kind,
         "featurize_s": featurized - started,
         "finalize_features_s": finalized - featurized,
         "score_targets_s": scored - finalized,
@@ -395,10 +413,12 @@ def run_kerntrace(
         entry["damping"] = [traker.damping[i] for i in range(m)]
         record["by_m"][str(m)] = entry
         logger.info("kerntrace k=%d M=%d: LDS %.4f", k, m, entry["lds"])
-    traces = [
-        traker.store.read(f"models/{i}/kernel.json")["trace"] for i in range(len(paths))
+    norms = [
+        float(np.mean(np.square(traker.store.train_rows(i).features, dtype=np.float64)))
+        * k
+        for i in range(len(paths))
     ]
-    record["mean_sq_norm"] = float(np.mean(traces)) / len(problem.train)
+    record["mean_sq_norm"] = float(np.mean(norms))
     results.put(key, record)
 
 
@@ -569,8 +589,11 @@ def run_traker(
     run = (problem, paths, k)
     rest = (plan, truth, base, results)
     traker_lambda(*run, 0.0, plan.ensembles, *rest, "default")
-    scale = (k / _num_params(problem)) * results.get(f"kerntrace/k{k}")["mean_sq_norm"]
-    results.put(f"traker/k{k}/scale", scale)
+    scale = results.get(f"traker/k{k}/scale")
+    if scale is None:  # kept once set, so cached λ runs stay comparable
+        mean_sq_norm = results.get(f"kerntrace/k{k}")["mean_sq_norm"]
+        scale = (k / _num_params(problem)) * mean_sq_norm
+        results.put(f"traker/k{k}/scale", scale)
     strategy = results.get(f"traker/k{k}/strategy")
     if strategy is None:
         full = k <= min(FULL_GRID_MAX_K.get(problem.name, 0), plan.full_grid_max_k)
@@ -650,7 +673,40 @@ def summarize(problem: Problem, plan: Plan, results: Results) -> dict[str, Any]:
                 row["decades"] = decades
                 row["edge"] = row["best_c"] in (min(decades), max(decades))
             rows.append(row)
-    return {"rows": rows}
+    return {"rows": rows, "projectors": projector_rows(plan, results)}
+
+
+def projector_rows(plan: Plan, results: Results) -> list[dict[str, Any]]:
+    """Per (M, k) of the comparison, the LDS of each projector run there."""
+    rows = []
+    for m in plan.ensembles:
+        for k in plan.projector_dims:
+            default = results.get(_key(k))
+            if default is None:
+                continue
+            values = {default.get("projector", "auto"): default["by_m"][str(m)]["lds"]}
+            for projector in plan.projectors:
+                entry = results.get(_key(k, projector))
+                if entry is not None:
+                    values[projector] = entry["by_m"][str(m)]["lds"]
+            if len(values) > 1:
+                rows.append({"M": m, "k": k, "lds": values})
+    return rows
+
+
+def projector_table(summary: dict[str, Any]) -> list[str]:
+    """The markdown table of LDS per projector at equal k."""
+    names = sorted({p for row in summary["projectors"] for p in row["lds"]})
+    lines = [
+        "| M | k | " + " | ".join(f"`{p}`" for p in names) + " | max − min |",
+        "|---:|---:|" + "---:|" * (len(names) + 1),
+    ]
+    for row in summary["projectors"]:
+        values = row["lds"]
+        cells = " | ".join(_fmt(values.get(p)) for p in names)
+        spread = max(values.values()) - min(values.values())
+        lines.append(f"| {row['M']} | {row['k']} | {cells} | {spread:.3f} |")
+    return lines
 
 
 def checks(summaries: dict[str, dict[str, Any]], plan: Plan) -> list[str]:
@@ -693,6 +749,14 @@ def checks(summaries: dict[str, dict[str, Any]], plan: Plan) -> list[str]:
             lines.append(
                 f"- {mark(ok)} {name} M={m}: kerntrace LDS never falls as k grows: "
                 f"{chain}"
+            )
+        for row in summary["projectors"]:
+            values = row["lds"]
+            spread = max(values.values()) - min(values.values())
+            shown = ", ".join(f"{p} {v:.3f}" for p, v in sorted(values.items()))
+            lines.append(
+                f"- {mark(spread <= 0.02)} {name} M={row['M']} k={row['k']}: "
+                f"projectors within 0.02 of each other ({shown})"
             )
         if name == "digits" and 5 in by_m:
             values = dict(by_m[5])
@@ -838,16 +902,18 @@ def write_results(
         "correlation between the two retrainings' margins.",
         "",
         "- kerntrace default: `kerntrace.TRAKer(..., proj_dim=k)`, nothing "
-        "else (λ = 0.3 · mean squared feature norm, per checkpoint; "
-        "float32 features, dense Gaussian projection).",
+        "else: the curvature-weighted kernel ΦᵀRΦ (R = p_y(1 − p_y)), "
+        "λ = 0.2 · tr(ΦᵀRΦ)/n per checkpoint, float32 features, "
+        "`projector='auto'` (its choice is listed per dataset).",
         "- traker default: `trak.TRAKer(..., device='cpu', proj_dim=k)`, "
         "i.e. `lambda_reg=0`, `use_half_precision=True`, `BasicProjector` "
         "with a Gaussian matrix (traker's CPU choice); "
         "`logging_level=WARNING` only silences it.",
         "- traker best-of-grid: the same with `lambda_reg = c · s`, "
         f"c ∈ {{{', '.join(f'{c:g}' for c in plan.grid)}}}, where s = (k/p) · "
-        f"(kerntrace's mean squared feature norm tr(ΦᵀΦ)/n over the {plan.checkpoints} "
-        "checkpoints) is traker's mean squared feature norm (traker divides "
+        f"(kerntrace's mean squared feature norm, mean ‖φ‖² over the "
+        f"{plan.checkpoints} checkpoints, fixed the first time it is computed) "
+        "is traker's mean squared feature norm (traker divides "
         "Pᵀg by √p with unit-variance P, so E‖φ‖² = (k/p)‖g‖²). The best c is "
         "picked per (M, k) on the same targets it is scored on: an "
         "optimistic upper bound for traker. The two half-decades around the "
@@ -882,9 +948,11 @@ def write_results(
         ]
         kinds = {}
         for k in plan.proj_dims:
+            entry = results_by[name].get(_key(k))
             settings = _store(problem, k, cache_roots[name]) / "store.json"
-            done = results_by[name].get(f"kerntrace/k{k}") is not None
-            if done and settings.exists():
+            if entry is not None and "projector" in entry:
+                kinds[k] = entry["projector"]
+            elif entry is not None and settings.exists():
                 kinds[k] = json.loads(settings.read_text())["projector"]
         out.append(
             "- kerntrace's default projector, as recorded in each store's "
@@ -906,6 +974,14 @@ def write_results(
             )
         out += [""]
         out += table(problem, summaries[name], plan)
+        if summaries[name]["projectors"]:
+            out += [
+                "",
+                "kerntrace's projectors at equal k (same checkpoints, ground "
+                "truth and defaults; only `projector=` differs):",
+                "",
+            ]
+            out += projector_table(summaries[name])
         out += ["", "Wall times (this machine, 2 cores shared, under `nice`):", ""]
         out += timing(problem, plan, results_by[name])
         out += [""]
@@ -963,6 +1039,9 @@ def run_dataset(
     for k in [] if report_only else plan.proj_dims:
         run_kerntrace(problem, paths, k, plan, truth, cache, results)
         run_traker(problem, paths, k, plan, truth, cache, results)
+    for k in [] if report_only else plan.projector_dims:
+        for projector in plan.projectors:
+            run_kerntrace(problem, paths, k, plan, truth, cache, results, projector)
     return problem, summarize(problem, plan, results), extra, results
 
 

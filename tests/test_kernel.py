@@ -115,7 +115,7 @@ def test_damping_rule_is_the_documented_fraction_of_the_mean_squared_norm():
     damping = kernel.choose_damping(kernel.gram(phi), 30)
     expected = kernel.DAMPING_FRACTION * np.mean(np.sum(phi**2, axis=1))
     assert damping.value == pytest.approx(expected)
-    assert "mean squared norm" in damping.rule
+    assert "mean weighted squared norm" in damping.rule
 
 
 def test_zero_damping_on_a_singular_kernel_is_an_error_naming_the_cause():

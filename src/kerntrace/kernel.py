@@ -121,7 +121,7 @@ def choose_damping(kernel: np.ndarray, n: int) -> Damping:
         The damping chosen.
     """
     value = DAMPING_FRACTION * float(np.trace(kernel)) / max(1, n)
-    return Damping(value=value, rule=f"{DAMPING_FRACTION:g}·mean squared norm")
+    return Damping(value=value, rule=f"{DAMPING_FRACTION:g}·mean weighted squared norm")
 
 
 def factor(kernel: np.ndarray, damping: float, *, n: int) -> np.ndarray:
