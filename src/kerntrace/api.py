@@ -976,7 +976,8 @@ def _storable(features: np.ndarray, dtype: np.dtype, rows: np.ndarray) -> np.nda
     """
     if dtype != np.float16:
         return features
-    stored = features.astype(np.float16)
+    with np.errstate(over="ignore"):
+        stored = features.astype(np.float16)
     finite = np.isfinite(stored).all(axis=1)
     if not finite.all():
         bad = np.flatnonzero(~finite)
