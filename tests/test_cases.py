@@ -1005,3 +1005,16 @@ def test_attribute_refuses_a_single_checkpoint_and_one_shot_iterators(tmp_path):
         kt.attribute(model, [model.state_dict()], iter(batches), batches)
     with pytest.raises(kt.ConfigurationError, match=r"targets must be re-iterable"):
         kt.attribute(model, [model.state_dict()], batches, make_data(8, seed=1)[0])
+
+
+def test_scores_views_refuse_a_bad_k_or_target():
+    scores = kt.Scores(np.arange(12, dtype=np.float32).reshape(4, 3))
+
+    with pytest.raises(kt.ConfigurationError, match=r"k must be an integer ≥ 0.*-1"):
+        scores.top_k(target=0, k=-1)
+    with pytest.raises(kt.ConfigurationError, match=r"got 2\.5"):
+        scores[0].proponents(2.5)
+    with pytest.raises(IndexError, match=r"target must be an integer index, got 1\.0"):
+        scores.target(1.0)
+    with pytest.raises(IndexError, match="target 3 is out of range; there are 3"):
+        scores[3]
