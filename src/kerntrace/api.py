@@ -37,7 +37,7 @@ from .errors import (
 )
 from .factorized import FactorizedProjector, factorized_share
 from .featurize import Featurizer
-from .gradients import batch_size, select_parameters
+from .gradients import batch_items, batch_size, select_parameters
 from .outputs import Task, get_task
 from .projection import PROJECTORS, Projector, make_projector
 from .scoring import Audit, Scores, ensemble_scores, self_scores
@@ -909,9 +909,7 @@ class TRAKer:
 
 # Phrases of torch's (and users' own) messages about a tensor's dtype or device.
 _PLACEMENT = re.compile(
-    r"dtype|scalar type|device|type \(\w+\) and|expected .*(float|double|half|long)"
-    r"|found .*(float|double|half|long|byte)",
-    re.IGNORECASE,
+    r"dtype|scalar type|device|\btype \([\w.]+\) and \w+ type", re.IGNORECASE
 )
 
 
@@ -927,11 +925,13 @@ def _explain_placement(batch: Any, featurizer: Featurizer) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, TypeError, AssertionError) as error:
-        if isinstance(error, KerntraceError) or not _PLACEMENT.search(str(error)):
+        unrelated = isinstance(error, KerntraceError | torch.cuda.OutOfMemoryError)
+        if unrelated or not _PLACEMENT.search(str(error)):
             raise
         held = ", ".join(
             f"{label} {value.dtype} on {value.device}"
-            for label, value in _tensor_items(batch)
+            for label, value in batch_items(batch)
+            if isinstance(value, torch.Tensor)
         )
         raise BatchError(
             f"the model failed on this batch with a dtype or device error "
@@ -943,15 +943,6 @@ def _explain_placement(batch: Any, featurizer: Featurizer) -> Iterator[None]:
             "floats yourself (e.g. images.float() / 255), and keep the model's "
             "parameters on one device and dtype"
         ) from error
-
-
-def _tensor_items(batch: Any) -> list[tuple[str, torch.Tensor]]:
-    items = batch.items() if isinstance(batch, Mapping) else enumerate(batch)
-    return [
-        (f"batch[{key!r}]" if isinstance(batch, Mapping) else f"batch[{key}]", value)
-        for key, value in items
-        if isinstance(value, torch.Tensor)
-    ]
 
 
 def _first_line(error: BaseException, limit: int = 300) -> str:

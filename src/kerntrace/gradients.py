@@ -28,6 +28,7 @@ __all__ = [
     "PerExampleGradients",
     "prepare_batch",
     "batch_size",
+    "batch_items",
     "eval_mode",
     "check_independent_examples",
 ]
@@ -190,8 +191,12 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def _items(batch: Any) -> Iterator[tuple[str, Any]]:
-    """``(label, value)`` of each batch item, labels like ``batch[0]``."""
+def batch_items(batch: Any) -> Iterator[tuple[str, Any]]:
+    """``(label, value)`` of each batch item, labelled like ``batch[0]``.
+
+    Raises:
+        BatchError: The batch is not a tuple, list or dict.
+    """
     if isinstance(batch, Mapping):
         return ((f"batch[{k!r}]", v) for k, v in batch.items())
     if isinstance(batch, tuple | list):
@@ -212,7 +217,7 @@ def batch_size(batch: Any) -> int:
             names each by position or key).
     """
     sizes = {}
-    for label, value in _items(batch):
+    for label, value in batch_items(batch):
         if isinstance(value, Tensor):
             if value.dim() == 0:
                 raise BatchError(
@@ -266,7 +271,7 @@ def prepare_batch(batch: Any, *, device: torch.device, dtype: torch.dtype) -> An
                 "the model and the batch on devices this machine has"
             ) from error
 
-    items = list(_items(batch))
+    items = list(batch_items(batch))
     if isinstance(batch, Mapping):
         return {k: move(label, v) for (label, v), k in zip(items, batch, strict=True)}
     return type(batch)(move(label, v) for label, v in items)
