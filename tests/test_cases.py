@@ -783,7 +783,7 @@ def test_malformed_batches_are_refused_naming_the_item_and_nothing_is_written(
 
 
 class WrongShapeTask:
-    """A user task returning two values per example, or a bad weight."""
+    """A user task whose output or weight is not one float per example."""
 
     def __init__(self, where: str) -> None:
         self.name = f"wrong_{where}"
@@ -795,7 +795,13 @@ class WrongShapeTask:
 
     def out_to_loss(self, model, batch):
         rows = batch[0].shape[0]
-        return torch.ones(rows, 2) if self.where == "weights" else torch.ones(rows)
+        if self.where == "weights":
+            return torch.ones(rows, 2)
+        if self.where == "integer_weights":
+            return torch.ones(rows, dtype=torch.long)
+        if self.where == "list_weights":
+            return [1.0] * rows
+        return torch.ones(rows)
 
 
 @pytest.mark.parametrize("projector", ["dense", "factorized"])
@@ -804,6 +810,8 @@ class WrongShapeTask:
     [
         ("output", r"'wrong_output': output\(model, batch\) must return one value"),
         ("weights", r"out_to_loss\(model, batch\) must return one value .*, 2\)"),
+        ("integer_weights", r"must return floating values, got dtype torch\.int64"),
+        ("list_weights", r"must return a tensor of shape \(\d,\), got list"),
     ],
 )
 def test_a_user_task_with_the_wrong_result_shape_is_named(
@@ -885,6 +893,11 @@ def test_bad_traker_arguments_are_configuration_errors_naming_the_value(
         kt.TRAKer(**arguments)
 
     assert not (tmp_path / "store").exists()
+
+
+def test_a_model_without_parameters_is_a_configuration_error(tmp_path):
+    with pytest.raises(kt.ConfigurationError, match=r"\(Tanh\) has no parameters"):
+        kt.TRAKer(nn.Tanh(), "classification", 4, tmp_path, device="cpu")
 
 
 def test_grad_wrt_names_a_capped_list_of_valid_names_for_a_big_model(tmp_path):
