@@ -135,3 +135,15 @@ def test_non_finite_features_are_refused():
     phi[3, 1] = np.inf
     with pytest.raises(NumericalError, match="NaN or infinity"):
         kernel.factor(kernel.gram(phi), 1.0, n=10)
+
+
+def test_a_vanished_curvature_falls_back_to_the_plain_kernel_with_a_warning():
+    phi = _features(30, 8, seed=5)
+    with pytest.warns(kernel.IllConditionedWarning, match="curvature of the loss"):
+        formed, form = kernel.form(phi, np.zeros(30))
+    assert form == kernel.FALLBACK
+    np.testing.assert_allclose(formed, phi.T @ phi, rtol=1e-12)
+    weights = np.full(30, 1e-6)  # tiny but real curvature is kept
+    formed, form = kernel.form(phi, weights)
+    assert form == kernel.WEIGHTED
+    np.testing.assert_allclose(formed, 1e-6 * phi.T @ phi, rtol=1e-12)

@@ -16,11 +16,12 @@ from .errors import (
     NonFiniteGradientError,
     NumericalError,
     OrderError,
+    PrecisionWarning,
     StoreCorruptError,
     StoreMismatchError,
 )
 from .kernel import IllConditionedWarning
-from .outputs import ClassificationTask, RegressionTask, Task
+from .outputs import ClassificationTask, LossTask, RegressionTask, Task
 from .scoring import Audit, Ranking, Scores, TargetScores
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __all__ = [
     "Task",
     "ClassificationTask",
     "RegressionTask",
+    "LossTask",
     "KerntraceError",
     "ConfigurationError",
     "OrderError",
@@ -47,5 +49,6 @@ __all__ = [
     "NumericalError",
     "ModelModeError",
     "IllConditionedWarning",
+    "PrecisionWarning",
     "__version__",
 ]

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +29,15 @@ from .checkpoints import fingerprint, load_into
 from .errors import (
     BatchError,
     ConfigurationError,
+    KerntraceError,
+    NumericalError,
     OrderError,
+    PrecisionWarning,
     StoreMismatchError,
 )
 from .factorized import FactorizedProjector, factorized_share
 from .featurize import Featurizer
-from .gradients import batch_size, select_parameters
+from .gradients import batch_items, batch_size, select_parameters
 from .outputs import Task, get_task
 from .projection import PROJECTORS, Projector, make_projector
 from .scoring import Audit, Scores, ensemble_scores, self_scores
@@ -45,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PROJ_DIM = 2048
 _FEATURE_DTYPES = ("float16", "float32", "float64")
+# Modules whose output differs between train and eval mode.
+_MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
 
 
 @dataclass
@@ -60,21 +66,90 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ConfigurationError(
             f"device {device!r} is not a torch device; use e.g. 'cpu' or 'cuda:0'"
         ) from error
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index or 0) >= count:
+            raise ConfigurationError(
+                f"device {device!r} was asked for, but this machine has {count} "
+                "CUDA device(s) available to torch; use device='cpu' or one of "
+                "the CUDA devices it has"
+            )
+    return resolved
+
+
+def _is_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | np.integer)
 
 
 def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+    if not _is_int(value):
         raise ConfigurationError(
             f"{name} must be a positive integer, got {value!r} ({type(value).__name__})"
         )
     if value < 1:
         raise ConfigurationError(f"{name} must be a positive integer, got {value}")
     return int(value)
+
+
+def _model_id(value: Any) -> int:
+    if not _is_int(value):
+        raise ConfigurationError(
+            f"model_id must be a non-negative integer, got {value!r} "
+            f"({type(value).__name__}); number the checkpoints 0, 1, 2, ..."
+        )
+    if value < 0:
+        raise ConfigurationError(f"model_id must be ≥ 0, got {value}")
+    return int(value)
+
+
+def _model_ids(value: Any) -> list[int] | None:
+    """``None``, or a list of distinct model ids from a sequence of integers."""
+    if value is None:
+        return None
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ConfigurationError(
+            f"model_ids must be None or a list of model ids, got {value!r}; pass "
+            "e.g. model_ids=[0, 2]"
+        )
+    ids = [_model_id(i) for i in value]
+    if not ids:
+        raise ConfigurationError(
+            "model_ids is empty; pass None for every model id, or name some"
+        )
+    if len(set(ids)) != len(ids):
+        raise ConfigurationError(
+            f"model_ids holds duplicates ({ids}); name each checkpoint once"
+        )
+    return ids
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise ConfigurationError(
+            f"{name} must be True or False, got {value!r} ({type(value).__name__})"
+        )
+    return bool(value)
+
+
+def _damping(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise ConfigurationError(
+            f"lambda_reg must be None (automatic) or a number ≥ 0, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    if not (np.isfinite(value) and value >= 0):
+        raise ConfigurationError(
+            f"lambda_reg must be None (automatic) or a finite number ≥ 0, got "
+            f"{value!r}; leave it None to choose the damping from the features"
+        )
+    return float(value)
 
 
 def _rows_of(
@@ -87,6 +162,11 @@ def _rows_of(
             "(the batch size, for batches given in order)"
         )
     if num_samples is not None:
+        if not _is_int(num_samples) or num_samples < 0:
+            raise BatchError(
+                f"num_samples must be a non-negative integer, got {num_samples!r} "
+                f"({type(num_samples).__name__}); pass num_samples=len(batch[0])"
+            )
         if num_samples != count:
             raise BatchError(
                 f"num_samples={num_samples} but the batch holds {count} examples; "
@@ -100,33 +180,71 @@ def _rows_of(
                 "restart at row 0, or pass inds="
             )
         return np.arange(cursor, cursor + count, dtype=np.int64)
-    rows = np.asarray(inds.cpu() if isinstance(inds, torch.Tensor) else inds)
+    if isinstance(inds, set | frozenset | Mapping):
+        raise BatchError(
+            f"inds must be an ordered sequence (list, range, array or tensor), got "
+            f"a {type(inds).__name__}, whose order need not match the batch's rows"
+        )
+    if isinstance(inds, torch.Tensor):
+        inds = inds.detach().cpu().numpy()
+    elif isinstance(inds, Iterable) and not isinstance(inds, np.ndarray | str | bytes):
+        inds = list(inds)
+    try:
+        rows = np.asarray(inds)
+    except ValueError as error:
+        raise BatchError(
+            f"inds must be a 1-d sequence of integers; it could not be read as "
+            f"an array ({error})"
+        ) from error
     if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
         raise BatchError(
             f"inds must be a 1-d sequence of integers, got shape {rows.shape} "
-            f"and dtype {rows.dtype}"
+            f"and dtype {rows.dtype}; pass e.g. inds=range(start, stop)"
+        )
+    if rows.size and rows.dtype.kind == "u" and rows.max() > np.iinfo(np.int64).max:
+        raise BatchError(
+            f"inds must lie in 0..{total - 1}, got values up to {rows.max()}"
         )
     rows = rows.astype(np.int64)
     if rows.shape[0] != count:
         raise BatchError(
-            f"inds has {rows.shape[0]} entries but the batch holds {count} examples"
+            f"inds has {rows.shape[0]} entries but the batch holds {count} "
+            "examples; pass one index per example of the batch"
         )
     if rows.size and (rows.min() < 0 or rows.max() >= total):
         raise BatchError(
             f"inds must lie in 0..{total - 1}, got values from {rows.min()} to "
-            f"{rows.max()}"
+            f"{rows.max()}; index the examples from 0, within the size declared"
         )
-    if np.unique(rows).size != rows.size:
-        raise BatchError("inds holds duplicates; each example must appear once")
+    values, counts = np.unique(rows, return_counts=True)
+    if values.size != rows.size:
+        twice = values[counts > 1][:5].tolist()
+        raise BatchError(
+            f"inds holds duplicates ({twice}); each example must appear once in a batch"
+        )
     return rows
 
 
 class TRAKer:
     """Attributes a model's outputs on targets to its train examples (TRAK).
 
+    A model in train mode is accepted: gradients and outputs are always
+    computed in eval mode, so BatchNorm uses its running statistics and
+    Dropout is off (TRAK attributes the deterministic function the model
+    computes at inference), and afterwards every module gets back the mode
+    it had. This is logged once at INFO. A BatchNorm without running
+    statistics, which couples the examples of a batch even in eval mode, is
+    refused with ``ModelModeError``.
+
+    Every argument is checked here, and every batch and index argument when
+    it is passed, before any work is done or anything is written; a bad one
+    raises a subclass of ``KerntraceError`` (see ``kerntrace.errors``) that
+    names the argument, the value seen and what to do.
+
     Args:
         model: The network. It is moved to ``device``; its mode and buffers
-            are left as they were.
+            are left as they were. Batches are moved to the device of its
+            first parameter, and their floating tensors cast to its dtype.
         task: A task name (see ``kerntrace.outputs.TASKS``) or a task object.
         train_set_size: n, the number of train examples.
         save_dir: The store directory; an existing store is reopened and must
@@ -153,11 +271,22 @@ class TRAKer:
         grad_wrt: Parameter or module names to differentiate; ``None`` takes
             every parameter with ``requires_grad=True``.
         use_half_precision: Store features in float16 (the solve stays in
-            float64).
+            float64). A feature beyond float16's range (|φ| > 65504) is an
+            error before anything is written; rows whose features are too
+            small for float16 warn with ``PrecisionWarning``.
         feature_dtype: Overrides the storage dtype: ``"float16"``,
-            ``"float32"`` or ``"float64"``.
+            ``"float32"`` (default) or ``"float64"``; recorded in
+            ``store.json``.
         device: Where gradients are computed; default CUDA if available.
         memory_bytes: Budget for one chunk of per-example gradients.
+
+    Raises:
+        ConfigurationError: An argument has an unusable value (the message
+            names it), e.g. an unknown task, a ``grad_wrt`` name the model
+            lacks (the valid ones are listed), a frozen model, a CUDA device
+            this machine lacks.
+        StoreMismatchError: ``save_dir`` holds a store made with other
+            settings.
     """
 
     def __init__(
@@ -185,26 +314,38 @@ class TRAKer:
         self.train_set_size = _positive_int(train_set_size, "train_set_size")
         if proj_dim is not None:
             _positive_int(proj_dim, "proj_dim")
-        if lambda_reg is not None and not (float(lambda_reg) >= 0):
+        lambda_reg = _damping(lambda_reg)
+        use_half_precision = _flag(use_half_precision, "use_half_precision")
+        if feature_dtype is not None and not isinstance(feature_dtype, str):
             raise ConfigurationError(
-                f"lambda_reg must be None (automatic) or a number ≥ 0, got "
-                f"{lambda_reg!r}"
+                f"feature_dtype must be a name, one of {_FEATURE_DTYPES}, got "
+                f"{feature_dtype!r}"
             )
         dtype = feature_dtype or ("float16" if use_half_precision else "float32")
         if dtype not in _FEATURE_DTYPES:
             raise ConfigurationError(
                 f"feature_dtype must be one of {_FEATURE_DTYPES}, got {dtype!r}"
             )
+        if not _is_int(projector_seed) or projector_seed < 0:
+            raise ConfigurationError(
+                f"projector_seed must be an integer ≥ 0, got {projector_seed!r}"
+            )
+        memory_bytes = _positive_int(memory_bytes, "memory_bytes")
+        if not isinstance(save_dir, str | os.PathLike):
+            raise ConfigurationError(
+                f"save_dir must be a path (str or os.PathLike), got "
+                f"{type(save_dir).__name__}"
+            )
         self.device = _resolve_device(device)
-        self.model = model.to(self.device)
         self.task = get_task(task)
         self.layout = select_parameters(model, grad_wrt)
+        self.model = model.to(self.device)
         self.projector_seed = int(projector_seed)
         self.lambda_reg = None if lambda_reg is None else float(lambda_reg)
         self.curvature = bool(curvature)
         self.memory_bytes = memory_bytes
         kinds = (*PROJECTORS, "factorized", "auto")
-        if projector not in kinds:
+        if not isinstance(projector, str) or projector not in kinds:
             raise ConfigurationError(
                 f"unknown projector {projector!r}; use one of {', '.join(kinds)}"
             )
@@ -245,6 +386,7 @@ class TRAKer:
         self._featurizer: Featurizer | None = None
         self._cursor = 0
         self._scoring: _Scoring | None = None
+        self._mode_noted = False
         logger.info(
             "TRAKer: task %s, %d train examples, %d parameters in %d tensors, "
             "projector %s with k=%d and seed %d, features stored as %s, on %s",
@@ -303,14 +445,30 @@ class TRAKer:
         )
 
     def _load(self, checkpoint: Any, model_id: int) -> str:
-        if isinstance(model_id, bool) or not isinstance(model_id, int | np.integer):
-            raise ConfigurationError(
-                f"model_id must be a non-negative integer, got {model_id!r}"
-            )
-        if model_id < 0:
-            raise ConfigurationError(f"model_id must be ≥ 0, got {model_id}")
+        _model_id(model_id)
         load_into(self.model, checkpoint)
+        self._note_train_mode()
         return fingerprint(self.model, self.layout.names)
+
+    def _note_train_mode(self) -> None:
+        """Say once, at INFO, that a model in train mode is run in eval mode."""
+        if self._mode_noted or not any(m.training for m in self.model.modules()):
+            return
+        self._mode_noted = True
+        affected = [
+            name or type(module).__name__
+            for name, module in self.model.named_modules()
+            if module.training and isinstance(module, _MODE_DEPENDENT)
+        ]
+        shown = ", ".join(affected[:5]) + (" ..." if len(affected) > 5 else "")
+        logger.info(
+            "the model is in train mode; gradients are computed in eval mode "
+            "(BatchNorm uses its running statistics, Dropout is off), and each "
+            "module's mode is restored afterwards%s",
+            f"; modules that act differently in train mode: {shown}"
+            if affected
+            else "",
+        )
 
     def load_checkpoint(self, checkpoint: Any, model_id: int) -> None:
         """Load checkpoint ``model_id`` into the model to featurize with it.
@@ -362,8 +520,17 @@ class TRAKer:
 
         Args:
             batch: Tuple, list or dict of tensors, first dimension B.
-            inds: The B examples' indices in the train set.
+            inds: The B examples' indices in the train set: distinct
+                integers in 0..n-1 (list, range, array or tensor).
             num_samples: B, for batches fed in train-set order.
+
+        Raises:
+            OrderError: No checkpoint was loaded.
+            BatchError: The batch or ``inds`` / ``num_samples`` is malformed
+                (checked before any work), or the model fails on the batch's
+                dtype or device.
+            NonFiniteGradientError: An example's gradient is NaN or infinite.
+            NumericalError: Features overflow float16 storage.
         """
         if self._featurizer is None or self._model_id is None:
             raise OrderError(
@@ -376,9 +543,11 @@ class TRAKer:
         todo = np.flatnonzero(arrays.done[rows] == 0)
         if todo.size:
             part = batch if todo.size == count else _take(batch, todo)
-            features, weights = self._featurizer(part, rows[todo])
+            with _explain_placement(part, self._featurizer):
+                features, weights = self._featurizer(part, rows[todo])
+            features = _storable(features.numpy(), self.store.feature_dtype, rows[todo])
             self.store.remove(f"models/{self._model_id}/kernel.json")
-            arrays.write(rows[todo], features.numpy(), weights.numpy())
+            arrays.write(rows[todo], features, weights.numpy())
         if num_samples is not None:
             self._cursor += count
 
@@ -403,7 +572,8 @@ class TRAKer:
             OrderError: No checkpoint was featurized, or some rows of one are
                 missing.
         """
-        ids = list(model_ids) if model_ids is not None else self.store.model_ids()
+        ids = _model_ids(model_ids)
+        ids = ids if ids is not None else self.store.model_ids()
         if not ids:
             raise OrderError(
                 "finalize_features() found no features: call load_checkpoint() "
@@ -442,7 +612,7 @@ class TRAKer:
         weights = (
             outputs.curvature(self.task, arrays.weights) if self.curvature else None
         )
-        gram = kernel.gram(arrays.features, weights)
+        gram, form = kernel.form(arrays.features, weights)
         if self.lambda_reg is None:
             damping = kernel.choose_damping(gram, self.train_set_size)
         else:
@@ -453,6 +623,7 @@ class TRAKer:
             relative,
             {
                 "form": self._kernel_form,
+                "formed": form,
                 "lambda_reg": self.lambda_reg,
                 "damping": damping.value,
                 "rule": damping.rule,
@@ -464,7 +635,7 @@ class TRAKer:
             model_id,
             damping.value,
             damping.rule,
-            self._kernel_form,
+            form,
             self.proj_dim,
         )
 
@@ -490,8 +661,9 @@ class TRAKer:
             OrderError: No checkpoint, or one of ``model_ids``, has finalized
                 features.
         """
+        model_ids = _model_ids(model_ids)
         finalized = self._finalized_ids()
-        wanted = finalized if model_ids is None else [int(i) for i in model_ids]
+        wanted = finalized if model_ids is None else model_ids
         unknown = [i for i in wanted if i not in finalized]
         if not wanted or unknown:
             raise OrderError(
@@ -547,8 +719,9 @@ class TRAKer:
                 or the experiment exists with another number of targets.
         """
         num_targets = _positive_int(num_targets, "num_targets")
+        model_id = _model_id(model_id)
         experiment = self.store.experiment_dir(exp_name)
-        if self.store.read(f"models/{int(model_id)}/kernel.json") is None:
+        if self.store.read(f"models/{model_id}/kernel.json") is None:
             raise OrderError(
                 f"model id {model_id} has no finalized features: call "
                 "finalize_features() after featurizing the train set, then "
@@ -602,8 +775,13 @@ class TRAKer:
 
         Args:
             batch: Tuple, list or dict of tensors, first dimension B.
-            inds: The B targets' indices, in 0..num_targets-1.
+            inds: The B targets' indices: distinct integers in
+                0..num_targets-1.
             num_samples: B, for targets fed in order.
+
+        Raises:
+            OrderError: ``start_scoring_checkpoint`` has not run.
+            BatchError: As for ``featurize``.
         """
         state = self._scoring
         if state is None:
@@ -613,12 +791,14 @@ class TRAKer:
             )
         count = batch_size(batch)
         rows = _rows_of(inds, num_samples, count, state.cursor, state.num_targets)
-        features, _ = state.featurizer(batch, rows)
+        with _explain_placement(batch, state.featurizer):
+            features, _ = state.featurizer(batch, rows)
+        features = _storable(features.numpy(), self.store.feature_dtype, rows)
         arrays = self.store.target_rows(
             state.exp_name, state.model_id, state.num_targets
         )
         self.store.remove(f"experiments/{state.exp_name}/scores.json")
-        arrays.write(rows, features.numpy())
+        arrays.write(rows, features)
         if num_samples is not None:
             state.cursor += count
 
@@ -645,6 +825,9 @@ class TRAKer:
             OrderError: No target was scored, or some checkpoints' targets are
                 incomplete and ``allow_skip`` is false.
         """
+        self.store.experiment_dir(exp_name)
+        model_ids = _model_ids(model_ids)
+        allow_skip = _flag(allow_skip, "allow_skip")
         info = self.store.read(f"experiments/{exp_name}/experiment.json")
         if info is None:
             raise OrderError(
@@ -653,7 +836,7 @@ class TRAKer:
             )
         num_targets = int(info["num_targets"])
         finalized = self._finalized_ids()
-        wanted = finalized if model_ids is None else [int(i) for i in model_ids]
+        wanted = finalized if model_ids is None else model_ids
         unknown = [i for i in wanted if i not in finalized]
         if unknown:
             raise OrderError(
@@ -744,6 +927,112 @@ class TRAKer:
         return np.load(path, mmap_mode="r")
 
 
+# Phrases of torch's (and users' own) messages about a tensor's dtype or device.
+_PLACEMENT = re.compile(
+    r"dtype|scalar type|device|\btype \([\w.]+\) and \w+ type", re.IGNORECASE
+)
+
+
+@contextmanager
+def _explain_placement(batch: Any, featurizer: Featurizer) -> Iterator[None]:
+    """Turn a dtype or device failure inside the model into a ``BatchError``.
+
+    The batch's floating tensors are cast to the model's dtype and every
+    tensor is moved to its device; what is left (integer inputs a model
+    wants as floats, tensors the model creates on another device) fails
+    inside the user's code with torch's message, which this names.
+    """
+    try:
+        yield
+    except (RuntimeError, TypeError, AssertionError) as error:
+        unrelated = isinstance(error, KerntraceError | torch.cuda.OutOfMemoryError)
+        if unrelated or not _PLACEMENT.search(str(error)):
+            raise
+        held = ", ".join(
+            f"{label} {value.dtype} on {value.device}"
+            for label, value in batch_items(batch)
+            if isinstance(value, torch.Tensor)
+        )
+        raise BatchError(
+            f"the model failed on this batch with a dtype or device error "
+            f"({type(error).__name__}: {_first_line(error)}). kerntrace moves "
+            f"every tensor of the batch to the device of the model's first "
+            f"parameter ({featurizer.device}) and casts floating tensors to its "
+            f"dtype ({featurizer.dtype}); integer and boolean tensors keep their "
+            f"dtype. The batch holds {held}: convert inputs the model needs as "
+            "floats yourself (e.g. images.float() / 255), and keep the model's "
+            "parameters on one device and dtype"
+        ) from error
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    lines = str(error).strip().splitlines()
+    line = lines[0] if lines else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+_HALF = np.finfo(np.float16)
+
+
+def _storable(features: np.ndarray, dtype: np.dtype, rows: np.ndarray) -> np.ndarray:
+    """Features converted to the store's dtype, refusing what float16 loses.
+
+    Raises:
+        NumericalError: Some feature overflows float16 (|φ| > 65504), which
+            would store infinity; nothing is written.
+
+    Warns:
+        PrecisionWarning: Some row loses more than 1 % of its norm to float16
+            rounding, because its features are in float16's subnormal range.
+    """
+    if dtype != np.float16:
+        return features
+    with np.errstate(over="ignore"):
+        stored = features.astype(np.float16)
+    finite = np.isfinite(stored).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise NumericalError(
+            f"features of example(s) {rows[bad[:5]].tolist()} reach "
+            f"{float(np.abs(features[bad]).max()):.3g}, beyond float16's largest "
+            f"value {float(_HALF.max):g}, so storing them in half precision "
+            "would give infinity; nothing of this batch was written. Use "
+            "feature_dtype='float32' (use_half_precision=False) in a new save_dir"
+        )
+    exact = features.astype(np.float64)
+    norms = np.linalg.norm(exact, axis=1)
+    errors = np.linalg.norm(stored.astype(np.float64) - exact, axis=1)
+    lossy = errors > 0.01 * norms
+    if lossy.any():
+        relative = np.where(norms > 0, errors / np.maximum(norms, 1e-300), 0.0)
+        worst = int(np.argmax(relative))
+        warnings.warn(
+            f"{int(lossy.sum())} example(s) of this batch, e.g. {int(rows[worst])} "
+            f"(largest |φ| {float(np.abs(features[worst]).max()):.2g}), lose "
+            f"{100 * relative[worst]:.0f}% of their feature norm when stored in "
+            f"float16: their features fall below float16's normal range "
+            f"({float(_HALF.tiny):.2g}); use feature_dtype='float32' for gradients "
+            "this small",
+            PrecisionWarning,
+            stacklevel=3,
+        )
+        return stored
+    if exact.shape[0] > 1:
+        spread = np.sqrt(np.mean(np.sum((exact - exact.mean(0)) ** 2, axis=1)))
+        rounding = np.sqrt(np.mean(errors**2))
+        if rounding > 0.05 * spread:
+            warnings.warn(
+                f"float16 rounding of this batch's features is "
+                f"{100 * rounding / max(spread, 1e-300):.0g}% of how much they "
+                "differ between examples (a component shared by every example, "
+                "such as a bias gradient, dwarfs the rest), so the scores will "
+                "be dominated by rounding; use feature_dtype='float32'",
+                PrecisionWarning,
+                stacklevel=3,
+            )
+    return stored
+
+
 def _take(batch: Any, rows: np.ndarray) -> Any:
     index = torch.as_tensor(rows, dtype=torch.long)
     if isinstance(batch, dict):
@@ -769,6 +1058,18 @@ def _working_dir(
 
 
 def _count(batches: Iterable[Any], what: str) -> int:
+    if isinstance(batches, Mapping | torch.Tensor) or not isinstance(batches, Iterable):
+        raise ConfigurationError(
+            f"{what} must be re-iterable batches (a list of batches or a "
+            f"DataLoader), got a {type(batches).__name__}; for one batch pass "
+            f"[batch]"
+        )
+    if iter(batches) is batches:
+        raise ConfigurationError(
+            f"{what} is an iterator ({type(batches).__name__}), which can be "
+            "read only once, but it is read once per checkpoint; pass a list of "
+            "batches or a DataLoader"
+        )
     dataset = getattr(batches, "dataset", None)
     if dataset is not None and hasattr(dataset, "__len__"):
         return len(dataset)
@@ -802,6 +1103,13 @@ def _featurized(
 
 
 def _checkpoint_list(checkpoints: Sequence[Any]) -> list[Any]:
+    single = isinstance(checkpoints, Mapping | nn.Module | str | os.PathLike)
+    if single or not isinstance(checkpoints, Iterable):
+        raise ConfigurationError(
+            f"checkpoints must be a list of checkpoints, got one "
+            f"{type(checkpoints).__name__}; for a single checkpoint pass "
+            "[checkpoint]"
+        )
     checkpoints = list(checkpoints)
     if not checkpoints:
         raise ConfigurationError("checkpoints is empty; pass at least one")

@@ -38,12 +38,32 @@ def load_state_dict(checkpoint: Any) -> Mapping[str, Tensor]:
         path = Path(checkpoint)
         if not path.exists():
             raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
+        if path.is_dir():
+            raise CheckpointFormatError(
+                f"checkpoint {str(path)!r} is a directory; accepted are {ACCEPTED}"
+            )
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path))
+            try:
+                return load_file(str(path))
+            except Exception as error:
+                raise CheckpointFormatError(
+                    f"checkpoint file {str(path)!r} cannot be read as safetensors "
+                    f"({type(error).__name__}: {error}); it is truncated or not a "
+                    "safetensors file: save it again with safetensors.torch.save_file"
+                ) from error
         if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:
+                raise CheckpointFormatError(
+                    f"checkpoint file {str(path)!r} cannot be loaded with "
+                    f"torch.load(weights_only=True) ({type(error).__name__}: "
+                    f"{_first_line(error)}); save model.state_dict() with "
+                    "torch.save rather than the whole model, or check that the "
+                    "file is complete"
+                ) from error
             return load_state_dict(_unwrap(loaded, path))
         raise CheckpointFormatError(
             f"checkpoint file {str(path)!r} has suffix {path.suffix!r}; accepted "
@@ -66,6 +86,12 @@ def load_state_dict(checkpoint: Any) -> Mapping[str, Tensor]:
     )
 
 
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    text = str(error).strip().splitlines()
+    line = text[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def _unwrap(loaded: Any, path: Path | None) -> Any:
     if isinstance(loaded, Mapping):
         for key in ("state_dict", "model", "model_state_dict"):
@@ -85,7 +111,9 @@ def load_into(model: nn.Module, checkpoint: Any) -> None:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise CheckpointFormatError(
-            f"the checkpoint does not fit the model: {error}"
+            f"the checkpoint does not fit the model ({error}); pass a checkpoint "
+            "of this model's architecture: its names and shapes must be those "
+            "of model.state_dict()"
         ) from error
 
 

@@ -1,8 +1,8 @@
-"""The exceptions kerntrace raises.
+"""The exceptions kerntrace raises, and its own warning.
 
-Each subclasses the built-in exception a caller would already catch, so
-``except ValueError`` keeps working, and each message says what was wrong,
-the value seen and what to do about it.
+Each exception subclasses the built-in exception a caller would already
+catch, so ``except ValueError`` keeps working, and each message says what
+was wrong, the value seen and what to do about it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ __all__ = [
     "NonFiniteGradientError",
     "NumericalError",
     "ModelModeError",
+    "PrecisionWarning",
 ]
 
 
@@ -59,3 +60,7 @@ class NumericalError(KerntraceError, ArithmeticError):
 
 class ModelModeError(KerntraceError, RuntimeError):
     """The model computes per-batch statistics, which couple the examples."""
+
+
+class PrecisionWarning(UserWarning):
+    """Stored features lost precision, e.g. to float16's limited range."""

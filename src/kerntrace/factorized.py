@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .gradients import ParameterLayout, PerExampleGradients, eval_mode
-from .outputs import Task
+from .gradients import ParameterLayout, PerExampleGradients, batch_size, eval_mode
+from .outputs import Task, check_per_example
 from .projection import (
     DenseProjector,
     IdentityProjector,
@@ -352,13 +352,22 @@ class FactorizedProjector:
 
         return factor(layer.n_in, layer.k_in), factor(layer.n_out, layer.k_out)
 
-    def describe(self) -> str:
-        """One line naming each layer's k_in × k_out."""
+    def describe(self, *, limit: int = 12) -> str:
+        """One line naming each layer's k_in × k_out, at most ``limit`` of them.
+
+        Past ``limit`` layers the rest are counted, so that the line stays
+        short for models with hundreds of layers.
+        """
         parts = [f"{la.name or '(root)'} {la.k_in}×{la.k_out}" for la in self.layers]
         parts += [f"{norm.name} exact ({norm.width})" for norm in self.norms]
+        if len(parts) > limit:
+            hidden = parts[limit:]
+            parts = [*parts[:limit], f"{len(hidden)} more layers"]
         if self.rest_projector is not None:
             parts.append(f"{self.rest.numel} other parameters → dense k=")
             parts[-1] += str(self.rest_projector.proj_dim)
+        if self.mixer is not None:
+            parts.append(f"{self.intermediate_dim} features mixed to k={self.proj_dim}")
         return ", ".join(parts)
 
     def features(
@@ -428,6 +437,10 @@ def capture(
     finally:
         for handle in handles:
             handle.remove()
+    rows = batch_size(batch)
+    check_per_example(outputs, rows, task, "output")
+    check_per_example(weights, rows, task, "out_to_loss")
+    outputs = outputs.reshape(rows)
     flat = [(layers[i], a, out) for i, items in enumerate(records) for a, out in items]
     grads = torch.autograd.grad(
         outputs.sum(), [out for _, _, out in flat], allow_unused=True
@@ -437,7 +450,6 @@ def capture(
         for (layer, inputs, _), grad in zip(flat, grads, strict=True)
         if grad is not None
     ]
-    rows = outputs.shape[0]
     return calls, outputs.detach(), weights.reshape(rows).detach()
 
 

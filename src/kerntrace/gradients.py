@@ -10,7 +10,7 @@ differentiated; buffers are read, never written.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from .errors import BatchError, ConfigurationError, ModelModeError
-from .outputs import Task
+from .outputs import Task, _one_example, check_per_example
 
 __all__ = [
     "ParameterLayout",
@@ -28,6 +28,7 @@ __all__ = [
     "PerExampleGradients",
     "prepare_batch",
     "batch_size",
+    "batch_items",
     "eval_mode",
     "check_independent_examples",
 ]
@@ -82,6 +83,11 @@ def select_parameters(
             to differentiate.
     """
     named = dict(model.named_parameters())
+    if not named:
+        raise ConfigurationError(
+            f"the model ({type(model).__name__}) has no parameters, so there is "
+            "nothing to attribute through"
+        )
     if grad_wrt is None:
         chosen = [n for n, p in named.items() if p.requires_grad]
         if not chosen:
@@ -91,20 +97,68 @@ def select_parameters(
                 "name them with grad_wrt=[...]"
             )
     else:
-        wanted = [grad_wrt] if isinstance(grad_wrt, str) else list(grad_wrt)
+        wanted = _grad_wrt_names(grad_wrt)
         chosen_set: set[str] = set()
         for name in wanted:
             hits = [n for n in named if n == name or n.startswith(name + ".")]
             if not hits:
-                valid = ", ".join(named) or "(none)"
                 raise ConfigurationError(
                     f"grad_wrt names {name!r}, which is no parameter or module "
-                    f"of the model; valid parameter names: {valid}"
+                    f"of the model; {_valid_names(model)}"
                 )
             chosen_set.update(hits)
         chosen = [n for n in named if n in chosen_set]
     shapes = tuple(tuple(named[n].shape) for n in chosen)
     return ParameterLayout(tuple(chosen), shapes)
+
+
+def _grad_wrt_names(grad_wrt: Any) -> list[str]:
+    """``grad_wrt`` as a non-empty list of names, or a ConfigurationError."""
+    if isinstance(grad_wrt, str):
+        return [grad_wrt]
+    if isinstance(grad_wrt, Mapping | Tensor) or not isinstance(grad_wrt, Iterable):
+        raise ConfigurationError(
+            f"grad_wrt must be None, a name or a list of names, got "
+            f"{type(grad_wrt).__name__}; pass parameter or module names such as "
+            "['head'] (see model.named_parameters())"
+        )
+    wanted = list(grad_wrt)
+    if not wanted:
+        raise ConfigurationError(
+            "grad_wrt is empty, which selects no parameter; pass None to take "
+            "every parameter with requires_grad=True, or name some"
+        )
+    bad = [w for w in wanted if not isinstance(w, str)]
+    if bad:
+        raise ConfigurationError(
+            f"grad_wrt must hold names (strings), got {type(bad[0]).__name__} "
+            f"{_short(bad[0])}; pass e.g. 'head' or 'head.weight', not the "
+            "module or tensor itself"
+        )
+    return wanted
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _valid_names(model: nn.Module, limit: int = 30) -> str:
+    """The names ``grad_wrt`` accepts, at most ``limit`` of each kind."""
+
+    def listed(names: list[str]) -> str:
+        shown = ", ".join(names[:limit]) or "(none)"
+        more = len(names) - limit
+        return shown + (f" and {more} more" if more > 0 else "")
+
+    modules = [
+        n for n, m in model.named_modules() if n and any(True for _ in m.parameters())
+    ]
+    params = [n for n, _ in model.named_parameters()]
+    return (
+        f"valid module names: {listed(modules)}; valid parameter names: "
+        f"{listed(params)}"
+    )
 
 
 def check_independent_examples(model: nn.Module) -> None:
@@ -137,32 +191,53 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+def batch_items(batch: Any) -> Iterator[tuple[str, Any]]:
+    """``(label, value)`` of each batch item, labelled like ``batch[0]``.
+
+    Raises:
+        BatchError: The batch is not a tuple, list or dict.
+    """
+    if isinstance(batch, Mapping):
+        return ((f"batch[{k!r}]", v) for k, v in batch.items())
+    if isinstance(batch, tuple | list):
+        return ((f"batch[{i}]", v) for i, v in enumerate(batch))
+    shape = f" of shape {tuple(batch.shape)}" if isinstance(batch, Tensor) else ""
+    raise BatchError(
+        f"a batch must be a tuple, list or dict of tensors, got a "
+        f"{type(batch).__name__}{shape}; pass e.g. batch=(x, y)"
+    )
+
+
 def batch_size(batch: Any) -> int:
     """The leading dimension shared by every tensor of a batch.
 
     Raises:
-        BatchError: The batch holds no tensor, or tensors disagree on it.
+        BatchError: The batch is not a tuple, list or dict, holds no tensor,
+            or its tensors disagree on the leading dimension (the message
+            names each by position or key).
     """
     sizes = {}
-    items = batch.items() if isinstance(batch, Mapping) else enumerate(batch)
-    for key, value in items:
+    for label, value in batch_items(batch):
         if isinstance(value, Tensor):
             if value.dim() == 0:
                 raise BatchError(
-                    f"batch item {key!r} is a 0-d tensor; every item needs a "
-                    "leading batch dimension"
+                    f"{label} is a 0-d tensor; every tensor of a batch needs a "
+                    "leading dimension that runs over the examples"
                 )
-            sizes[key] = value.shape[0]
+            sizes[label] = int(value.shape[0])
     if not sizes:
         raise BatchError(
             "the batch holds no tensor; pass a tuple, list or dict of tensors "
             "whose first dimension runs over examples"
         )
     if len(set(sizes.values())) > 1:
-        shown = ", ".join(f"{k!r}: {v}" for k, v in sizes.items())
+        first = next(iter(sizes))
+        odd = [k for k, v in sizes.items() if v != sizes[first]]
+        shown = ", ".join(f"{k} has {v}" for k, v in sizes.items())
         raise BatchError(
-            f"batch items disagree on the number of examples ({shown}); every "
-            "tensor must have the same first dimension"
+            f"batch items disagree on the number of examples ({shown}); "
+            f"{odd[0]} does not match {first}: every tensor must have the same "
+            "first dimension"
         )
     return next(iter(sizes.values()))
 
@@ -170,23 +245,36 @@ def batch_size(batch: Any) -> int:
 def prepare_batch(batch: Any, *, device: torch.device, dtype: torch.dtype) -> Any:
     """Move a batch to ``device``; cast floating tensors to ``dtype``.
 
-    Integer tensors (labels, token ids, masks) keep their dtype.
+    Integer and boolean tensors (labels, token ids, masks) keep their dtype.
+
+    Raises:
+        BatchError: The batch is not a tuple, list or dict, holds a complex
+            tensor, or a tensor cannot be moved to ``device``.
     """
 
-    def move(value: Any) -> Any:
+    def move(label: str, value: Any) -> Any:
         if not isinstance(value, Tensor):
             return value
-        if value.is_floating_point():
-            return value.to(device=device, dtype=dtype)
-        return value.to(device=device)
+        if value.is_complex():
+            raise BatchError(
+                f"{label} is a complex tensor ({value.dtype}); kerntrace "
+                "attributes real-valued outputs: pass real tensors"
+            )
+        try:
+            if value.is_floating_point():
+                return value.to(device=device, dtype=dtype)
+            return value.to(device=device)
+        except (RuntimeError, TypeError) as error:
+            raise BatchError(
+                f"{label} ({value.dtype} on {value.device}) cannot be moved to "
+                f"the model's device {device} and dtype {dtype} ({error}); put "
+                "the model and the batch on devices this machine has"
+            ) from error
 
+    items = list(batch_items(batch))
     if isinstance(batch, Mapping):
-        return {k: move(v) for k, v in batch.items()}
-    if isinstance(batch, tuple | list):
-        return type(batch)(move(v) for v in batch)
-    raise BatchError(
-        f"a batch must be a tuple, list or dict of tensors, got {type(batch).__name__}"
-    )
+        return {k: move(label, v) for (label, v), k in zip(items, batch, strict=True)}
+    return type(batch)(move(label, v) for label, v in items)
 
 
 def slice_batch(batch: Any, rows: Tensor | slice) -> Any:
@@ -243,24 +331,16 @@ class PerExampleGradients:
         chosen, fixed = self._split_parameters()
 
         def output_of_one(params: dict[str, Tensor], example: Any) -> Tensor:
-            one = _unsqueeze(example)
-            return self.task.output(self._call(params, fixed), one).reshape(())
+            one = _one_example(example)
+            value = self.task.output(self._call(params, fixed), one)
+            check_per_example(value, 1, self.task, "output")
+            return value.reshape(())
 
         with eval_mode(self.model):
             grads = vmap(grad(output_of_one), in_dims=(None, 0))(chosen, batch)
             with torch.no_grad():
                 weights = self.task.out_to_loss(self._call(chosen, fixed), batch)
         rows = batch_size(batch)
+        check_per_example(weights, rows, self.task, "out_to_loss")
         flat = torch.cat([grads[n].reshape(rows, -1) for n in self.layout.names], 1)
         return flat, weights.reshape(rows)
-
-
-def _unsqueeze(example: Any) -> Any:
-    if isinstance(example, Mapping):
-        return {
-            k: v.unsqueeze(0) if isinstance(v, Tensor) else v
-            for k, v in example.items()
-        }
-    return type(example)(
-        v.unsqueeze(0) if isinstance(v, Tensor) else v for v in example
-    )

@@ -26,6 +26,8 @@ __all__ = [
     "gram",
     "WEIGHTED",
     "PLAIN",
+    "FALLBACK",
+    "form",
     "Damping",
     "choose_damping",
     "DAMPING_FRACTION",
@@ -37,6 +39,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 WEIGHTED, PLAIN = "curvature-weighted", "plain"
+FALLBACK = "plain (curvature vanished)"
 """The forms of kernel, ΦᵀRΦ and ΦᵀΦ, recorded with each factor; a stored
 factor of another form than asked for is formed again."""
 
@@ -76,6 +79,44 @@ def gram(
             weighted = block * torch.from_numpy(rows)[:, None]
         total.addmm_(weighted.T, block)
     return total.numpy()
+
+
+VANISHED = 1e-12
+"""tr(ΦᵀRΦ) at most this fraction of tr(ΦᵀΦ) counts as a vanished curvature."""
+
+
+def form(features: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """The kernel of a checkpoint, ΦᵀRΦ (or ΦᵀΦ without weights), and its form.
+
+    When the model fits every train example with certainty, each curvature
+    R_i = p(1 - p) rounds to 0 and ΦᵀRΦ vanishes; the plain ΦᵀΦ is formed
+    instead, with a warning, so the scores stay defined.
+
+    Args:
+        features: Φ, shape (n, k).
+        weights: The diagonal of R, shape (n,), or ``None``.
+
+    Returns:
+        The (k, k) kernel and ``WEIGHTED``, ``PLAIN`` or ``FALLBACK``.
+    """
+    if weights is None:
+        return gram(features), PLAIN
+    weighted = gram(features, weights)
+    plain_trace = sum(
+        float(np.sum(np.square(features[start : start + 4096], dtype=np.float64)))
+        for start in range(0, features.shape[0], 4096)
+    )
+    if np.trace(weighted) > VANISHED * plain_trace:
+        return weighted, WEIGHTED
+    warnings.warn(
+        f"the curvature of the loss vanishes on every train example (tr(ΦᵀRΦ) = "
+        f"{np.trace(weighted):.3g} against tr(ΦᵀΦ) = {plain_trace:.3g}): the model "
+        "fits all of them with certainty, so the plain kernel ΦᵀΦ is used for "
+        "this checkpoint; pass curvature=False to use it always",
+        IllConditionedWarning,
+        stacklevel=3,
+    )
+    return gram(features), FALLBACK
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 from torch import Tensor
+from torch.func import grad, vmap
 
 from .errors import BatchError, ConfigurationError
 
@@ -27,8 +28,10 @@ __all__ = [
     "Task",
     "ClassificationTask",
     "RegressionTask",
+    "LossTask",
     "get_task",
     "curvature",
+    "check_per_example",
     "TASKS",
 ]
 
@@ -118,24 +121,67 @@ def classification_margin(logits: Tensor, labels: Tensor) -> Tensor:
     return label_logit - torch.logsumexp(others, dim=-1)
 
 
+def _check_labels(logits: Tensor, labels: Tensor, task: str) -> None:
+    """Refuse labels that are not one class index per row of logits."""
+    if logits.dim() < 2 or logits.shape[-1] < 2:
+        raise BatchError(
+            f"task {task!r} needs logits of shape (B, C) with C ≥ 2 classes, but "
+            f"the model returned shape {tuple(logits.shape)}; for one output per "
+            "example use the 'regression' task or a task of your own"
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise BatchError(
+            f"task {task!r} needs integer class labels, got batch[1] of dtype "
+            f"{labels.dtype}; pass the labels as y.long()"
+        )
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise BatchError(
+            f"task {task!r}: labels of shape {tuple(labels.shape)} do not fit "
+            f"logits of shape {tuple(logits.shape)}; pass one class index per "
+            "example, shape (B,)"
+        )
+
+
 class ClassificationTask:
     """Classification with cross-entropy: f is the margin, Q = 1 - p_y.
 
     The batch is ``(inputs, labels)``; the model maps inputs to logits of
-    shape (B, C). Used for images and tabular data alike.
+    shape (B, C) and the labels are integer class indices of shape (B,).
+    Used for images and tabular data alike.
     """
 
     def __init__(self, name: str = "classification") -> None:
         self.name = name
 
     def output(self, model: Callable[..., Tensor], batch: Batch) -> Tensor:
-        """Return the margin of the true class, shape (B,)."""
+        """Return the margin of the true class, shape (B,).
+
+        Raises:
+            BatchError: The labels are not integers of shape (B,), or the
+                logits are not (B, C) with C ≥ 2.
+        """
         x, y = _split_xy(batch, self.name)
-        return classification_margin(model(x), y)
+        logits = model(x)
+        _check_labels(logits, y, self.name)
+        return classification_margin(logits, y)
 
     def out_to_loss(self, model: Callable[..., Tensor], batch: Batch) -> Tensor:
-        """Return 1 - p_y = sigmoid(-margin), shape (B,), values in [0, 1]."""
-        return torch.sigmoid(-self.output(model, batch))
+        """Return 1 - p_y = sigmoid(-margin), shape (B,), values in [0, 1].
+
+        Raises:
+            BatchError: As ``output``, or a label lies outside 0..C-1.
+        """
+        x, y = _split_xy(batch, self.name)
+        logits = model(x)
+        _check_labels(logits, y, self.name)
+        classes = logits.shape[-1]
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+            raise BatchError(
+                f"task {self.name!r}: labels must lie in 0..{classes - 1} for "
+                f"logits with {classes} classes, got values from {int(y.min())} "
+                f"to {int(y.max())}; check the labels or the model's output width"
+            )
+        return torch.sigmoid(-classification_margin(logits, y))
 
     def curvature(self, out_to_loss: np.ndarray) -> np.ndarray:
         """Return p_y(1 - p_y) = Q(1 - Q), the logistic loss's second
@@ -171,11 +217,142 @@ class RegressionTask:
         """Return the residual y - f, shape (B,)."""
         x, y = _split_xy(batch, self.name)
         prediction = self._prediction(model, x)
+        if y.numel() != prediction.numel():
+            raise BatchError(
+                f"task 'regression' needs one target per example, got batch[1] "
+                f"of shape {tuple(y.shape)} for {prediction.numel()} predictions; "
+                "pass targets of shape (B,)"
+            )
         return y.reshape(prediction.shape).to(prediction.dtype) - prediction
 
     def curvature(self, out_to_loss: np.ndarray) -> np.ndarray:
         """Return 1: half the squared error has constant curvature."""
         return np.ones_like(out_to_loss)
+
+
+def _one_example(example: Any) -> Any:
+    """Give every tensor of one vmapped example back its batch dimension."""
+    if isinstance(example, Mapping):
+        return {
+            k: v.unsqueeze(0) if isinstance(v, Tensor) else v
+            for k, v in example.items()
+        }
+    return type(example)(
+        v.unsqueeze(0) if isinstance(v, Tensor) else v for v in example
+    )
+
+
+def _values(batch: Batch) -> list[Any]:
+    return list(batch.values() if isinstance(batch, Mapping) else batch)
+
+
+def _example_dims(batch: Batch) -> Any:
+    """``vmap`` in_dims mapping each tensor of a batch over its first dimension."""
+    if isinstance(batch, Mapping):
+        return {k: 0 if isinstance(v, Tensor) else None for k, v in batch.items()}
+    return type(batch)(0 if isinstance(v, Tensor) else None for v in batch)
+
+
+class LossTask:
+    """A task made of an output and the training loss written in terms of it.
+
+    The out-to-loss weight is Q(z_i) = -∂ℓ/∂f evaluated on example i alone
+    (by ``torch.func``), so it is the same whether ``loss`` averages or sums
+    over the batch, and it does not depend on the batch an example comes in.
+
+    Args:
+        output: ``output(model, batch)`` returning f, shape (B,).
+        loss: ``loss(outputs, batch)`` returning the scalar loss of a batch
+            given its outputs f of shape (B,); any reduction (mean or sum).
+        name: Recorded in the save directory.
+
+    Example:
+        ``LossTask(lambda model, b: model(b[0]).squeeze(-1),
+        lambda f, b: F.mse_loss(f, b[1]), name="mse")``
+    """
+
+    def __init__(
+        self,
+        output: Callable[[Callable[..., Tensor], Batch], Tensor],
+        loss: Callable[[Tensor, Batch], Tensor],
+        *,
+        name: str = "loss",
+    ) -> None:
+        for label, value in (("output", output), ("loss", loss)):
+            if not callable(value):
+                raise ConfigurationError(
+                    f"LossTask {label} must be a function, got {type(value).__name__}"
+                )
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(
+                f"LossTask name must be a non-empty string, got {name!r}"
+            )
+        self._output, self._loss, self.name = output, loss, name
+
+    def output(self, model: Callable[..., Tensor], batch: Batch) -> Tensor:
+        """Return the user's output f, shape (B,)."""
+        return self._output(model, batch)
+
+    def out_to_loss(self, model: Callable[..., Tensor], batch: Batch) -> Tensor:
+        """Return -∂ℓ/∂f of each example's own loss, shape (B,)."""
+        with torch.no_grad():
+            outputs = self._output(model, batch).detach()
+        rows = next(
+            v.shape[0] for v in _values(batch) if isinstance(v, Tensor) and v.dim()
+        )
+        check_per_example(outputs, rows, self)
+        outputs = outputs.reshape(rows)
+
+        def loss_of_one(value: Tensor, example: Any) -> Tensor:
+            total = self._loss(value.reshape(1), _one_example(example))
+            if total.numel() != 1:
+                raise ConfigurationError(
+                    f"task {self.name!r}: loss(outputs, batch) must return a "
+                    f"scalar, got shape {tuple(total.shape)}; reduce it with a "
+                    "mean or a sum"
+                )
+            return total.reshape(())
+
+        derivative = vmap(grad(loss_of_one), in_dims=(0, _example_dims(batch)))
+        return -derivative(outputs, batch)
+
+
+def check_per_example(
+    value: Any, rows: int, task: Task, method: str = "output"
+) -> None:
+    """Refuse a task result that is not one number per example.
+
+    Args:
+        value: What ``task.<method>`` returned for a batch of ``rows``.
+        rows: B, the number of examples.
+        task: The task, named in the message.
+        method: ``"output"`` or ``"out_to_loss"``.
+
+    Raises:
+        ConfigurationError: ``value`` is no tensor, or not of shape (B,) or
+            (B, 1).
+    """
+    name = getattr(task, "name", type(task).__name__)
+    if not isinstance(value, Tensor):
+        raise ConfigurationError(
+            f"task {name!r}: {method}(model, batch) must return a tensor of "
+            f"shape ({rows},), got {type(value).__name__}"
+        )
+    if (
+        value.numel() != rows
+        or value.dim() > 2
+        or (value.dim() == 2 and value.shape[1] != 1)
+    ):
+        raise ConfigurationError(
+            f"task {name!r}: {method}(model, batch) must return one value per "
+            f"example, shape ({rows},), got shape {tuple(value.shape)}; reduce "
+            "the model's output to one scalar per example"
+        )
+    if not value.is_floating_point():
+        raise ConfigurationError(
+            f"task {name!r}: {method}(model, batch) must return floating values, "
+            f"got dtype {value.dtype}"
+        )
 
 
 TASKS: dict[str, Callable[[], Task]] = {
@@ -191,7 +368,7 @@ def get_task(task: str | Task) -> Task:
 
     Raises:
         ConfigurationError: The name is unknown, or the object lacks
-            ``output``, ``out_to_loss`` or ``name``.
+            ``output``, ``out_to_loss`` or a non-empty string ``name``.
     """
     if isinstance(task, str):
         if task not in TASKS:
@@ -205,5 +382,15 @@ def get_task(task: str | Task) -> Task:
         raise ConfigurationError(
             f"task {task!r} is neither a task name nor an object with "
             "name, output(model, batch) and out_to_loss(model, batch)"
+        )
+    if not isinstance(task.name, str) or not task.name:
+        raise ConfigurationError(
+            f"the task's name must be a non-empty string (it is recorded in the "
+            f"save directory), got {task.name!r}"
+        )
+    if not (callable(task.output) and callable(task.out_to_loss)):
+        raise ConfigurationError(
+            f"task {task.name!r}: output and out_to_loss must be methods "
+            "(model, batch) -> tensor of shape (B,)"
         )
     return task

@@ -176,9 +176,16 @@ def top_k(column: np.ndarray, k: int, *, largest: bool = True) -> Ranking:
     """The k largest (proponents) or smallest (opponents) entries of a column.
 
     Ties are broken by the lower train index, so the ranking is reproducible.
+
+    Raises:
+        ConfigurationError: ``k`` is not an integer ≥ 0.
     """
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+        raise ConfigurationError(
+            f"k must be an integer ≥ 0 (how many train examples to rank), got {k!r}"
+        )
     column = np.asarray(column)
-    k = min(k, column.shape[0])
+    k = min(int(k), column.shape[0])
     keys = -column if largest else column
     order = np.lexsort((np.arange(column.shape[0]), keys))[:k]
     return Ranking(order.astype(np.int64), column[order].astype(np.float32))
@@ -238,8 +245,17 @@ class Scores:
         return np.array(self.values)
 
     def target(self, index: int) -> TargetScores:
-        """The per-target view of column ``index``."""
+        """The per-target view of column ``index``.
+
+        Raises:
+            IndexError: ``index`` is not an integer in -T..T-1.
+        """
         n_targets = self.values.shape[1]
+        if isinstance(index, bool) or not isinstance(index, int | np.integer):
+            raise IndexError(
+                f"target must be an integer index, got {index!r} "
+                f"({type(index).__name__}); there are {n_targets} targets"
+            )
         if not -n_targets <= index < n_targets:
             raise IndexError(
                 f"target {index} is out of range; there are {n_targets} targets"
