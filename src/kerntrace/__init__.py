@@ -7,6 +7,7 @@ and ``audit`` ranks the train examples by self-influence.
 from __future__ import annotations
 
 from .api import TRAKer, attribute, audit
+from .distributed import shard
 from .errors import (
     BatchError,
     CheckpointFormatError,
@@ -16,8 +17,10 @@ from .errors import (
     NonFiniteGradientError,
     NumericalError,
     OrderError,
+    StoreBusyError,
     StoreCorruptError,
     StoreMismatchError,
+    StoreWriteError,
 )
 from .kernel import IllConditionedWarning
 from .outputs import ClassificationTask, RegressionTask, Task
@@ -29,6 +32,7 @@ __all__ = [
     "TRAKer",
     "attribute",
     "audit",
+    "shard",
     "Scores",
     "Audit",
     "TargetScores",
@@ -41,6 +45,8 @@ __all__ = [
     "OrderError",
     "StoreMismatchError",
     "StoreCorruptError",
+    "StoreWriteError",
+    "StoreBusyError",
     "CheckpointFormatError",
     "BatchError",
     "NonFiniteGradientError",
