@@ -34,6 +34,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,10 +141,42 @@ def arm(spec: str | None = None, fault: int | None = None) -> list[tuple[str, st
 # -- the workflow --------------------------------------------------------------
 
 
+def _traker(save_dir: str | os.PathLike[str], **options: Any) -> kt.TRAKer:
+    torch.set_num_threads(1)
+    model, _, _, _ = problem()
+    return kt.TRAKer(
+        model,
+        "classification",
+        N_TRAIN,
+        save_dir,
+        proj_dim=PROJ_DIM,
+        device="cpu",
+        **options,
+    )
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, rows: Any, size: int):
+    """(rows, batch) pairs over ``rows`` of (x, y) in batches of ``size``."""
+    rows = list(rows)
+    for first in range(0, len(rows), size):
+        part = torch.tensor(rows[first : first + size], dtype=torch.long)
+        yield part, (x[part], y[part])
+
+
+def _score(traker: kt.TRAKer) -> np.ndarray:
+    _, checkpoints, _, (x, y) = problem()
+    for model_id, checkpoint in enumerate(checkpoints):
+        traker.start_scoring_checkpoint("val", checkpoint, model_id, N_TARGETS)
+        for _, batch in _batches(x, y, range(N_TARGETS), TARGET_BATCH):
+            traker.score(batch, num_samples=len(batch[0]))
+    return np.array(traker.finalize_scores("val"))
+
+
 def run(
     save_dir: str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
     *,
+    batch: int = BATCH,
     kill: str | None = None,
     fault: int | None = None,
     record: str | None = None,
@@ -151,31 +184,22 @@ def run(
 ) -> np.ndarray:
     """The whole workflow in ``save_dir``; returns (and saves to ``out``) the scores.
 
+    Train batches of ``batch`` rows are fed in order with ``num_samples=``.
     ``kill`` names a kill point (see ``arm``), ``fault`` turns it into an
     ``OSError`` with that errno, and ``record`` is a JSON file to list the
     calls of every point in.
     """
-    torch.set_num_threads(1)
     calls = arm(kill, fault) if kill or record else []
-    model, checkpoints, train, targets = problem()
-    traker = kt.TRAKer(
-        model, "classification", N_TRAIN, save_dir, proj_dim=PROJ_DIM, device="cpu"
-    )
+    traker = _traker(save_dir)
+    _, checkpoints, (x, y), _ = problem()
     for model_id, checkpoint in enumerate(checkpoints):
         traker.load_checkpoint(checkpoint, model_id=model_id)
-        for start in range(0, N_TRAIN, BATCH):
-            batch = (train[0][start : start + BATCH], train[1][start : start + BATCH])
-            traker.featurize(batch, num_samples=len(batch[0]))
+        for rows, part in _batches(x, y, range(N_TRAIN), batch):
+            traker.featurize(part, num_samples=len(rows))
             if progress:
-                print(f"featurized {model_id} {start}", flush=True)
+                print(f"featurized {model_id} {int(rows[0])}", flush=True)
     traker.finalize_features()
-    for model_id, checkpoint in enumerate(checkpoints):
-        traker.start_scoring_checkpoint("val", checkpoint, model_id, N_TARGETS)
-        for start in range(0, N_TARGETS, TARGET_BATCH):
-            stop = start + TARGET_BATCH
-            batch = (targets[0][start:stop], targets[1][start:stop])
-            traker.score(batch, num_samples=len(batch[0]))
-    scores = np.array(traker.finalize_scores("val"))
+    scores = _score(traker)
     if record is not None:
         Path(record).write_text(json.dumps(calls))
     if out is not None:
@@ -183,12 +207,93 @@ def run(
     return scores
 
 
+def wait_for(path: Path, timeout: float = 60.0) -> None:
+    """Wait until ``path`` exists."""
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.01)
+
+
+def featurize_shard(
+    save_dir: str | os.PathLike[str],
+    rank: int,
+    world_size: int,
+    *,
+    batch: int = 4,
+    hold: Path | None = None,
+    hold_after: int | None = None,
+) -> None:
+    """Featurize the rows ``kt.shard`` gives this rank (with ``inds=``).
+
+    With ``hold``, after ``hold_after`` batches (every batch if ``None``)
+    create ``hold/ready`` and wait for ``hold/release`` before going on.
+    """
+    traker = _traker(save_dir, rank=rank, world_size=world_size)
+    _, checkpoints, (x, y), _ = problem()
+    fed = 0
+    for model_id, checkpoint in enumerate(checkpoints):
+        traker.load_checkpoint(checkpoint, model_id=model_id)
+        for rows, part in _batches(x, y, kt.shard(N_TRAIN, rank, world_size), batch):
+            traker.featurize(part, inds=rows)
+            fed += 1
+            if hold is not None and fed == hold_after:
+                _hold(hold)
+    if hold is not None and hold_after is None:
+        _hold(hold)
+
+
+def _hold(folder: Path) -> None:
+    (Path(folder) / "ready").touch()
+    wait_for(Path(folder) / "release")
+
+
+def distributed_run(
+    save_dir: str | os.PathLike[str],
+    rank: int,
+    world_size: int,
+    init_method: str,
+    *,
+    batch: int = 4,
+    drop_last: bool = False,
+) -> np.ndarray | None:
+    """One rank of a torch.distributed (gloo) run; rank 0 returns the scores.
+
+    Rank 0 feeds every train batch with ``num_samples=`` (its TRAKer skips
+    the rows of other ranks), the others only their own rows with ``inds=``.
+    With ``drop_last`` the last rank leaves out its last batch.
+    """
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=world_size
+    )
+    try:
+        traker = _traker(save_dir)
+        _, checkpoints, (x, y), _ = problem()
+        rows = list(kt.shard(N_TRAIN))
+        if drop_last and rank == world_size - 1:
+            rows = rows[:-batch]
+        for model_id, checkpoint in enumerate(checkpoints):
+            traker.load_checkpoint(checkpoint, model_id=model_id)
+            if rank == 0:
+                for part_rows, part in _batches(x, y, range(N_TRAIN), batch):
+                    traker.featurize(part, num_samples=len(part_rows))
+            else:
+                for part_rows, part in _batches(x, y, rows, batch):
+                    traker.featurize(part, inds=part_rows)
+        traker.finalize_features()
+        scores = _score(traker) if rank == 0 else None
+        dist.barrier()
+        return scores
+    finally:
+        dist.destroy_process_group()
+
+
 def read_scores(save_dir: str | os.PathLike[str]) -> np.ndarray:
     """Open a finished store as the workflow does and read its scores."""
-    model, _, _, _ = problem()
-    kt.TRAKer(
-        model, "classification", N_TRAIN, save_dir, proj_dim=PROJ_DIM, device="cpu"
-    )
+    _traker(save_dir)
     return np.load(Path(save_dir) / "experiments" / "val" / "scores.npy")
 
 
@@ -206,12 +311,53 @@ def limited(limit_bytes: int, fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def unprivileged(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run ``fn`` as user and group ``nobody`` when this process is root."""
+    """Run ``fn`` as user and group ``nobody`` when this process is root.
+
+    Raises:
+        NotImplementedError: Root cannot give up its user id here.
+    """
     if os.geteuid() == 0:
-        os.setgroups([])
-        os.setgid(65534)
-        os.setuid(65534)
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+        except PermissionError as error:
+            raise NotImplementedError(f"cannot become user nobody: {error}") from error
     return fn(*args)
+
+
+# -- what a store holds -------------------------------------------------------
+
+
+def files(store: Path) -> dict[str, bytes]:
+    """Every regular file of a store but its (empty) lock files, by path."""
+    return {
+        str(p.relative_to(store)): p.read_bytes()
+        for p in sorted(Path(store).rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def temporaries(store: Path) -> list[str]:
+    """Temporary files and folders left in a store."""
+    return [str(p) for p in Path(store).rglob("*") if ".tmp-" in p.name]
+
+
+def assert_readable(store: Path) -> None:
+    """Every JSON and .npy file of a store (temporaries aside) is whole."""
+    for path in Path(store).rglob("*"):
+        if ".tmp-" in str(path) or not path.is_file():
+            continue
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".npy":
+            np.load(path)
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Equal to 1e-6 of each value and of the largest one (float32 rounding)."""
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6 * scale)
 
 
 # -- child processes -----------------------------------------------------------
@@ -255,7 +401,8 @@ def start(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, Any]:
     """Start ``fn(*args, **kwargs)`` in a child; returns (process, connection)."""
     ctx = context()
     receiver, sender = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_child, args=(sender, fn, args, kwargs))
+    # A daemon: if a test fails while a child waits, pytest ends it on exit.
+    process = ctx.Process(target=_child, args=(sender, fn, args, kwargs), daemon=True)
     process.start()
     sender.close()
     return process, receiver
