@@ -472,8 +472,9 @@ class TRAKer:
                 "call load_checkpoint(..., model_id) and featurize() first"
             )
         arrays, busy = self.store.gather(model_id)
-        missing = arrays.missing()
-        if missing.size:
+        if arrays.missing().size:
+            n = self.train_set_size
+            missing = np.flatnonzero(~self.store.done_mask(model_id, 0, n))
             others = "; ".join(c.describe() for c in busy if not c.mine())
             raise OrderError(
                 f"model id {model_id} has {missing.size} of {self.train_set_size} "

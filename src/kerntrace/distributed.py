@@ -9,7 +9,6 @@ and factors the checkpoints' kernels, one checkpoint per rank at a time.
 
 from __future__ import annotations
 
-import logging
 import pickle
 
 import numpy as np
@@ -18,8 +17,6 @@ import torch.distributed as dist
 from .errors import ConfigurationError
 
 __all__ = ["shard", "resolve", "barrier", "first_error"]
-
-logger = logging.getLogger(__name__)
 
 
 def _initialized() -> bool:
