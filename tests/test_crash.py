@@ -39,7 +39,13 @@ import numpy as np
 import pytest
 
 import store_worker as worker
+from kerntrace.store import save_array
 from store_worker import assert_close, assert_readable, files, temporaries
+
+# Kill points read paths from /proc/self/fd; the limits and users are POSIX.
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux", reason="the crash harness needs Linux"
+)
 
 WORKER = Path(__file__).with_name("store_worker.py")
 KILLED = -signal.SIGKILL
@@ -310,3 +316,26 @@ def test_unwritable_store_stays_readable_and_refuses_writes_clearly(
         for path in [root, *root.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
         shutil.rmtree(root)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(12.0).reshape(3, 4),
+        np.array([True, False]),
+        np.zeros((0, 3), np.float32),
+        np.asfortranarray(np.arange(6).reshape(2, 3)),
+        np.arange(10)[::2],
+        np.array(3.5),
+        np.arange(5, dtype=np.float16),
+    ],
+    ids=["2-d", "bool", "empty", "fortran", "strided", "0-d", "float16"],
+)
+def test_saved_arrays_load_back_equal(tmp_path, array):
+    # save_array writes .npy itself (numpy.save can stop short silently).
+    save_array(tmp_path / "a.npy", array)
+
+    loaded = np.load(tmp_path / "a.npy")
+
+    assert loaded.dtype == array.dtype and loaded.shape == array.shape
+    np.testing.assert_array_equal(loaded, array)

@@ -12,12 +12,17 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import kerntrace as kt
 import store_worker as worker
+from kerntrace.claims import process_start
+from kerntrace.files import HOST, write_json
 from store_worker import N_TRAIN, PROJ_DIM, assert_close, files, temporaries
 
 
@@ -178,3 +183,44 @@ def test_the_store_helper_modules_export_what_they_list(module):
     loaded = importlib.import_module(f"kerntrace.{module}")
 
     assert [name for name in loaded.__all__ if not hasattr(loaded, name)] == []
+
+
+def fake_claim(store, **fields) -> None:
+    """A claim on every row of model id 0, as another process would write it."""
+    claim = {"rows": [0, N_TRAIN], "since": "2026-01-01T00:00:00", **fields}
+    write_json(store / "models" / "0" / "claims" / f"0-{N_TRAIN}.json", claim)
+
+
+def test_a_claim_from_another_host_holds_and_says_how_to_release_it(tmp_path):
+    store = tmp_path / "store"
+    traker(store)
+    fake_claim(store, pid=1, host="elsewhere", process_start=None)
+    _, checkpoints, _, _ = worker.problem()
+
+    with pytest.raises(
+        kt.StoreBusyError,
+        match=r"pid 1 on host elsewhere .*claim file .*0-24\.json\)\. Give each "
+        r"process disjoint rows .*if it no longer runs, delete its claim file",
+    ):
+        traker(store).load_checkpoint(checkpoints[0], model_id=0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_a_claim_of_a_zombie_or_of_a_reused_pid_is_stale(tmp_path):
+    store = tmp_path / "store"
+    traker(store)
+    _, checkpoints, _, _ = worker.problem()
+    zombie = subprocess.Popen(["true"])
+    try:
+        while (
+            Path(f"/proc/{zombie.pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+        ):
+            time.sleep(0.01)
+        fake_claim(store, pid=zombie.pid, host=HOST, process_start=None)
+        traker(store).load_checkpoint(checkpoints[0], model_id=0)
+    finally:
+        zombie.wait()
+    parent = os.getppid()
+    fake_claim(store, pid=parent, host=HOST, process_start=process_start(parent) + 1)
+
+    traker(store).load_checkpoint(checkpoints[0], model_id=0)

@@ -189,7 +189,7 @@ def _write_npy(handle: BinaryIO, array: np.ndarray) -> None:
         array = array.copy(order="C")
     header = np.lib.format.header_data_from_array_1_0(array)
     np.lib.format.write_array_header_1_0(handle, header)
-    handle.write(memoryview(array.reshape(-1)).cast("B"))
+    handle.write(array.reshape(-1).view(np.uint8))
 
 
 def _reserve(fd: int, size: int) -> None:
@@ -265,14 +265,14 @@ def open_array(
         _create_array(path, shape, dtype)
     try:
         array = np.load(path, mmap_mode="r+" if writable else "r")
-    except OSError as error:
-        if writable and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    except (OSError, ValueError) as error:
+        refused = getattr(error, "errno", None) in (
+            errno.EACCES,
+            errno.EPERM,
+            errno.EROFS,
+        )
+        if writable and refused:
             raise _write_error(path, error) from error
-        raise StoreCorruptError(
-            f"{path} cannot be read as a .npy array ({error}); delete it and "
-            "rerun the step that wrote it"
-        ) from error
-    except ValueError as error:
         raise StoreCorruptError(
             f"{path} cannot be read as a .npy array ({error}); delete it and "
             "rerun the step that wrote it"
