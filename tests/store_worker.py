@@ -181,16 +181,17 @@ def run(
     fault: int | None = None,
     record: str | None = None,
     progress: bool = False,
+    lambda_reg: float | None = None,
 ) -> np.ndarray:
     """The whole workflow in ``save_dir``; returns (and saves to ``out``) the scores.
 
     Train batches of ``batch`` rows are fed in order with ``num_samples=``.
     ``kill`` names a kill point (see ``arm``), ``fault`` turns it into an
     ``OSError`` with that errno, and ``record`` is a JSON file to list the
-    calls of every point in.
+    calls of every point in; ``lambda_reg`` is passed to ``TRAKer``.
     """
     calls = arm(kill, fault) if kill or record else []
-    traker = _traker(save_dir)
+    traker = _traker(save_dir, lambda_reg=lambda_reg)
     _, checkpoints, (x, y), _ = problem()
     for model_id, checkpoint in enumerate(checkpoints):
         traker.load_checkpoint(checkpoint, model_id=model_id)

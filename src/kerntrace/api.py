@@ -487,6 +487,9 @@ class TRAKer:
         if recorded is not None and recorded.get("lambda_reg") == self.lambda_reg:
             logger.info("model id %d: kernel already finalized, kept", model_id)
             return
+        # Unmark it first: a crash between the two writes below must not pair
+        # the old damping's record with the new factor.
+        self.store.remove(relative)
         gram = kernel.gram(arrays.features)
         if self.lambda_reg is None:
             damping = kernel.choose_damping(gram, self.train_set_size)
