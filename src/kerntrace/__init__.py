@@ -7,6 +7,7 @@ and ``audit`` ranks the train examples by self-influence.
 from __future__ import annotations
 
 from .api import TRAKer, attribute, audit
+from .distributed import shard
 from .errors import (
     BatchError,
     CheckpointFormatError,
@@ -17,8 +18,10 @@ from .errors import (
     NumericalError,
     OrderError,
     PrecisionWarning,
+    StoreBusyError,
     StoreCorruptError,
     StoreMismatchError,
+    StoreWriteError,
 )
 from .kernel import IllConditionedWarning
 from .outputs import ClassificationTask, LossTask, RegressionTask, Task
@@ -30,6 +33,7 @@ __all__ = [
     "TRAKer",
     "attribute",
     "audit",
+    "shard",
     "Scores",
     "Audit",
     "TargetScores",
@@ -43,6 +47,8 @@ __all__ = [
     "OrderError",
     "StoreMismatchError",
     "StoreCorruptError",
+    "StoreWriteError",
+    "StoreBusyError",
     "CheckpointFormatError",
     "BatchError",
     "NonFiniteGradientError",

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import kernel, outputs
+from . import distributed, kernel, outputs
 from .checkpoints import fingerprint, load_into
 from .errors import (
     BatchError,
@@ -41,7 +41,7 @@ from .gradients import batch_items, batch_size, select_parameters
 from .outputs import Task, get_task
 from .projection import PROJECTORS, Projector, make_projector
 from .scoring import Audit, Scores, ensemble_scores, self_scores
-from .store import Store, open_array, save_array
+from .store import Store, TrainWriter, format_rows, new_array, save_array
 
 __all__ = ["TRAKer", "attribute", "audit", "DEFAULT_PROJ_DIM"]
 
@@ -279,6 +279,13 @@ class TRAKer:
             ``store.json``.
         device: Where gradients are computed; default CUDA if available.
         memory_bytes: Budget for one chunk of per-example gradients.
+        rank: With ``world_size``, this process featurizes only the train
+            rows ``kerntrace.shard(train_set_size, rank, world_size)``,
+            skipping the others it is fed, and writes them to its own shard
+            files. ``None`` takes both from torch.distributed when it is
+            initialised (then ``finalize_features`` is collective), else this
+            process featurizes every row.
+        world_size: The number of processes featurizing the train set.
 
     Raises:
         ConfigurationError: An argument has an unusable value (the message
@@ -306,6 +313,8 @@ class TRAKer:
         feature_dtype: str | None = None,
         device: str | torch.device | None = None,
         memory_bytes: int = 256 << 20,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigurationError(
@@ -336,6 +345,10 @@ class TRAKer:
                 f"save_dir must be a path (str or os.PathLike), got "
                 f"{type(save_dir).__name__}"
             )
+        self.rank, self.world_size, self._collective = distributed.resolve(
+            rank, world_size
+        )
+        self.shard = distributed.shard(self.train_set_size, self.rank, self.world_size)
         self.device = _resolve_device(device)
         self.task = get_task(task)
         self.layout = select_parameters(model, grad_wrt)
@@ -384,6 +397,7 @@ class TRAKer:
         self.save_dir = self.store.path
         self._model_id: int | None = None
         self._featurizer: Featurizer | None = None
+        self._writer: TrainWriter | None = None
         self._cursor = 0
         self._scoring: _Scoring | None = None
         self._mode_noted = False
@@ -400,6 +414,14 @@ class TRAKer:
             dtype,
             self.device,
         )
+        if self.world_size > 1:
+            logger.info(
+                "rank %d of %d featurizes train rows %d..%d",
+                self.rank,
+                self.world_size,
+                self.shard.start,
+                self.shard.stop - 1,
+            )
 
     # -- featurizing ------------------------------------------------------
 
@@ -480,32 +502,48 @@ class TRAKer:
         Raises:
             StoreMismatchError: The store already has features of another
                 checkpoint under this id.
+            StoreBusyError: Another live process is featurizing rows of this
+                id that this one would write.
         """
         stamp = self._load(checkpoint, model_id)
-        relative = f"models/{int(model_id)}/checkpoint.json"
-        recorded = self.store.read(relative)
-        if recorded is not None and recorded["fingerprint"] != stamp:
-            if self._rows_done(int(model_id)) == 0:
-                recorded = None
-        if recorded is not None and recorded["fingerprint"] != stamp:
-            raise StoreMismatchError(
-                f"model id {model_id} in {str(self.save_dir)!r} was featurized "
-                f"with another checkpoint (fingerprint {recorded['fingerprint']}, "
-                f"this one {stamp}); use a new model_id or a new save_dir"
-            )
-        if recorded is None:
-            self.store.write(relative, {"fingerprint": stamp})
-        self._model_id = int(model_id)
-        self._featurizer = Featurizer(
+        self._release()
+        featurizer = Featurizer(
             self.model,
             self.task,
             self.layout,
-            self._projector(self._model_id),
+            self._projector(int(model_id)),
             memory_bytes=self.memory_bytes,
         )
+        self._writer = self._claim(int(model_id), stamp)
+        self._model_id = int(model_id)
+        self._featurizer = featurizer
         self._cursor = 0
         self._scoring = None
         logger.info("loaded checkpoint %d (fingerprint %s)", model_id, stamp)
+
+    def _claim(self, model_id: int, stamp: str) -> TrainWriter:
+        """Record the checkpoint's fingerprint and claim this process's rows.
+
+        A recorded fingerprint may be replaced while no row of the id is
+        written or claimed by another process.
+        """
+        relative = f"models/{model_id}/checkpoint.json"
+        with self.store.model_lock(model_id):
+            recorded = self.store.read(relative)
+            if recorded is not None and recorded["fingerprint"] != stamp:
+                others = [c for c in self.store.claims(model_id) if not c.mine()]
+                if self.store.rows_done(model_id) == 0 and not others:
+                    recorded = None
+            if recorded is not None and recorded["fingerprint"] != stamp:
+                raise StoreMismatchError(
+                    f"model id {model_id} in {str(self.save_dir)!r} was featurized "
+                    f"with another checkpoint (fingerprint "
+                    f"{recorded['fingerprint']}, this one {stamp}); use a new "
+                    "model_id or a new save_dir"
+                )
+            if recorded is None:
+                self.store.write(relative, {"fingerprint": stamp})
+            return self.store.writer(model_id, self.shard.start, self.shard.stop)
 
     def featurize(
         self,
@@ -516,7 +554,8 @@ class TRAKer:
         """Compute and store the features of a batch of train examples.
 
         Rows already in the store are skipped, so rerunning a loop after a
-        crash only computes what is missing.
+        crash only computes what is missing; so are rows outside this
+        process's shard (see ``rank`` and ``world_size``).
 
         Args:
             batch: Tuple, list or dict of tensors, first dimension B.
@@ -532,29 +571,28 @@ class TRAKer:
             NonFiniteGradientError: An example's gradient is NaN or infinite.
             NumericalError: Features overflow float16 storage.
         """
-        if self._featurizer is None or self._model_id is None:
+        if self._featurizer is None or self._writer is None:
             raise OrderError(
                 "featurize() needs a checkpoint: call load_checkpoint(checkpoint, "
                 "model_id) first"
             )
         count = batch_size(batch)
         rows = _rows_of(inds, num_samples, count, self._cursor, self.train_set_size)
-        arrays = self.store.train_rows(self._model_id)
-        todo = np.flatnonzero(arrays.done[rows] == 0)
+        todo = self._writer.pending(rows)
         if todo.size:
             part = batch if todo.size == count else _take(batch, todo)
             with _explain_placement(part, self._featurizer):
                 features, weights = self._featurizer(part, rows[todo])
             features = _storable(features.numpy(), self.store.feature_dtype, rows[todo])
             self.store.remove(f"models/{self._model_id}/kernel.json")
-            arrays.write(rows[todo], features, weights.numpy())
+            self._writer.write(rows[todo], features, weights.numpy())
         if num_samples is not None:
             self._cursor += count
 
-    def _rows_done(self, model_id: int) -> int:
-        if not (self.store.model_dir(model_id) / "done.npy").exists():
-            return 0
-        return int(self.store.train_rows(model_id).done.sum())
+    def _release(self) -> None:
+        """Let other processes claim this one's rows; ``featurize`` reclaims them."""
+        if self._writer is not None:
+            self._writer.release()
 
     def finalize_features(
         self, model_ids: Sequence[int] | None = None, del_grads: bool = False
@@ -562,7 +600,12 @@ class TRAKer:
         """Form, damp and factor the kernel of each featurized checkpoint.
 
         Running it again is harmless: a kernel already made from the same
-        features and damping setting is kept.
+        features and damping setting is kept. Rows featurized by several
+        processes are first merged from their shard files.
+
+        With a torch.distributed group (see ``rank``) every rank must call it:
+        it waits for all ranks, then each rank finalizes every W-th
+        checkpoint, and all ranks raise if one fails.
 
         Args:
             model_ids: Checkpoints to finalize; default every one in the store.
@@ -570,17 +613,32 @@ class TRAKer:
 
         Raises:
             OrderError: No checkpoint was featurized, or some rows of one are
-                missing.
+                missing; the message names them, and any process still
+                writing them.
         """
+        self._release()
+        if self._collective:
+            distributed.barrier()
         ids = _model_ids(model_ids)
         ids = ids if ids is not None else self.store.model_ids()
-        if not ids:
-            raise OrderError(
-                "finalize_features() found no features: call load_checkpoint() "
-                "and featurize() on the train set first"
-            )
-        for model_id in ids:
-            self._finalize_model(int(model_id))
+        mine = ids[self.rank :: self.world_size] if self._collective else ids
+        failure = None
+        try:
+            if not ids:
+                raise OrderError(
+                    "finalize_features() found no features: call load_checkpoint() "
+                    "and featurize() on the train set first"
+                )
+            for model_id in mine:
+                self._finalize_model(int(model_id))
+        except Exception as error:
+            if not self._collective:
+                raise
+            failure = error
+        if self._collective:
+            failure = distributed.first_error(failure)
+            if failure is not None:
+                raise failure
 
     @property
     def _kernel_form(self) -> str:
@@ -593,13 +651,17 @@ class TRAKer:
                 f"model id {model_id} has no features in {str(self.save_dir)!r}; "
                 "call load_checkpoint(..., model_id) and featurize() first"
             )
-        arrays = self.store.train_rows(model_id)
-        missing = arrays.missing()
-        if missing.size:
+        arrays, busy = self.store.gather(model_id)
+        if arrays.missing().size:
+            n = self.train_set_size
+            missing = np.flatnonzero(~self.store.done_mask(model_id, 0, n))
+            others = "; ".join(c.describe() for c in busy if not c.mine())
             raise OrderError(
                 f"model id {model_id} has {missing.size} of {self.train_set_size} "
                 f"train rows not featurized (first missing: {missing[0]}); "
-                "featurize them before finalize_features()"
+                f"featurize them before finalize_features(): rows "
+                f"{format_rows(missing)} are missing"
+                + (f"; another process is still writing {others}" if others else "")
             )
         recorded = self.store.read(relative)
         if (
@@ -609,6 +671,9 @@ class TRAKer:
         ):
             logger.info("model id %d: kernel already finalized, kept", model_id)
             return
+        # Unmark it first: a crash between the two writes below must not pair
+        # the old damping's record with the new factor.
+        self.store.remove(relative)
         weights = (
             outputs.curvature(self.task, arrays.weights) if self.curvature else None
         )
@@ -644,7 +709,7 @@ class TRAKer:
     def self_scores(self, model_ids: Sequence[int] | None = None) -> np.ndarray:
         """Self-influence τ(z_i, z_i) of every train example.
 
-        It averages φ_m(z_i)ᵀ K_m⁻¹ φ_m(z_i), with K_m = Φ_mᵀΦ_m + λ_m I,
+        It averages φ_m(z_i)ᵀ K_m⁻¹ φ_m(z_i), with K_m = Φ_mᵀR_mΦ_m + λ_m I,
         over the checkpoints and multiplies by the averaged loss weight,
         like ``finalize_scores`` with each train example as its own target.
         High values flag examples the model fits only by memorizing them,
@@ -755,6 +820,8 @@ class TRAKer:
             memory_bytes=self.memory_bytes,
         )
         self._scoring = _Scoring(exp_name, int(model_id), num_targets, featurizer)
+        self._release()
+        self._writer = None
         self._featurizer = None
         self._model_id = None
         logger.info(
@@ -904,15 +971,9 @@ class TRAKer:
             ]
         weights /= len(ids)
         path = self.store.experiment_dir(exp_name) / "scores.npy"
-        tmp = path.with_name(f".scores.{os.getpid()}.tmp.npy")
-        tmp.unlink(missing_ok=True)
-        out = open_array(
-            tmp, (self.train_set_size, num_targets), "float32", writable=True
-        )
-        ensemble_scores(features, solved, weights, out=out)
-        out.flush()
-        del out
-        os.replace(tmp, path)
+        shape = (self.train_set_size, num_targets)
+        with new_array(path, shape, "float32") as out:
+            ensemble_scores(features, solved, weights, out=out)
         self.store.write(
             f"experiments/{exp_name}/scores.json",
             {"model_ids": ids, "damping": {str(k): v for k, v in dampings.items()}},

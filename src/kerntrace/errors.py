@@ -13,6 +13,8 @@ __all__ = [
     "OrderError",
     "StoreMismatchError",
     "StoreCorruptError",
+    "StoreWriteError",
+    "StoreBusyError",
     "CheckpointFormatError",
     "BatchError",
     "NonFiniteGradientError",
@@ -40,6 +42,18 @@ class StoreMismatchError(KerntraceError, ValueError):
 
 class StoreCorruptError(KerntraceError, OSError):
     """A file in the save directory is missing, truncated or unreadable."""
+
+
+class StoreWriteError(KerntraceError, OSError):
+    """The save directory cannot be written: full, read-only or not permitted.
+
+    ``errno`` is the cause's error number and ``filename`` the path that
+    could not be written. What the store already held is left as it was.
+    """
+
+
+class StoreBusyError(KerntraceError, RuntimeError):
+    """Another live process holds the rows this one would write."""
 
 
 class CheckpointFormatError(KerntraceError, TypeError):

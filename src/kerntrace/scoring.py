@@ -4,15 +4,15 @@ For checkpoints m = 1..M, the score of train example i for target j is
 
     τ[i, j] = (1/M) Σ_m Φ_m[i] · x_m[:, j]  ×  (1/M) Σ_m Q_m[i],
 
-where x_m = (Φ_mᵀΦ_m + λ_m I)⁻¹ φ_m(targets)ᵀ has shape (k, T). This equals
-DESIGN's F_m[i] · φ_m(z') with F_m = Φ_m (Φ_mᵀΦ_m + λ_m I)⁻¹, but solves on
+where x_m = (Φ_mᵀR_mΦ_m + λ_m I)⁻¹ φ_m(targets)ᵀ has shape (k, T). This equals
+DESIGN's F_m[i] · φ_m(z') with F_m = Φ_m (Φ_mᵀR_mΦ_m + λ_m I)⁻¹, but solves on
 the T targets instead of the n train rows. Rows are processed in blocks, so
 peak memory is one block of features plus one block of scores.
 
 Self-influence is the score of a train example for itself as the target,
 
     τ(z_i, z_i) = (1/M) Σ_m φ_m(z_i)ᵀ K_m⁻¹ φ_m(z_i) × Q̄_i,
-    K_m = Φ_mᵀΦ_m + λ_m I,
+    K_m = Φ_mᵀR_mΦ_m + λ_m I,
 
 the diagonal of the n × n score matrix, computed without forming it. It is
 high for examples the model can only fit by memorizing them, such as
@@ -124,7 +124,7 @@ def self_scores(
 ) -> np.ndarray:
     """Self-influence τ(z_i, z_i) of every train example, blocked over rows.
 
-    For each checkpoint m the quadratic form φᵀ(Φ_mᵀΦ_m + λ_m I)⁻¹φ equals
+    For each checkpoint m the quadratic form φᵀ(Φ_mᵀR_mΦ_m + λ_m I)⁻¹φ equals
     ‖L_m⁻¹ φ‖², so one triangular solve per block of rows gives it. Peak
     memory is one (block_rows, k) block and its solve, never n × n.
 
@@ -132,7 +132,7 @@ def self_scores(
         train_features: One (n, k) array per checkpoint, any floating dtype
             (memmaps are read block by block).
         lowers: One (k, k) float64 lower Cholesky factor of
-            Φ_mᵀΦ_m + λ_m I per checkpoint (``kernel.factor``), aligned with
+            Φ_mᵀR_mΦ_m + λ_m I per checkpoint (``kernel.factor``), aligned with
             ``train_features``.
         weights: Shape (n,): the out-to-loss weights Q̄ averaged over the same
             checkpoints.

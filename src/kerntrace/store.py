@@ -7,6 +7,9 @@ Layout of a store (``n`` train examples, ``k`` features, ``T`` targets)::
     models/<id>/features.npy             (n, k) projected train gradients
     models/<id>/out_to_loss.npy          (n,) float32, Q of each train example
     models/<id>/done.npy                 (n,) uint8, 1 once a row is written
+    models/<id>/shards/<a>-<b>/...       the same three for rows a..b-1, written
+                                         by one of several processes
+    models/<id>/claims/<a>-<b>.json      the live process writing rows a..b-1
     models/<id>/kernel.json              damping and solve of checkpoint <id>
     models/<id>/cholesky.npy             (k, k) float64 factor of the kernel
     self_scores.npy                      (n,) float64 self-influence
@@ -17,34 +20,56 @@ Layout of a store (``n`` train examples, ``k`` features, ``T`` targets)::
     experiments/<name>/scores.json       which model ids the scores average
 
 Arrays are ``.npy`` files opened as memmaps, readable with ``numpy.load``.
-JSON is written to a temporary file and moved into place, so a reader sees
-the old or the new version, never half of one. A row's ``done`` flag is set
-only after the row itself is written, so a run killed at any moment resumes
-from its finished rows.
+Every file appears whole or not at all (see ``files``), and a failed write
+raises ``StoreWriteError``, keeping what the store held. A row's ``done``
+flag is set only after the row's features and weights are written and
+flushed, so a run killed at any moment resumes from its finished rows.
+
+Several processes may featurize one checkpoint, each its own rows: each
+claims its rows first (see ``claims``), and an overlap with a live
+process's claim is refused. A process writing all n rows writes the
+checkpoint's own arrays; one writing rows a..b-1 writes a shard of its own,
+which ``gather`` merges once written, so no two processes write one file.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import tempfile
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 
-from .errors import ConfigurationError, StoreCorruptError, StoreMismatchError
+from .claims import Claim, lock, process_start, remove_dead_temporaries
+from .errors import ConfigurationError, StoreBusyError, StoreMismatchError
+from .files import (
+    HOST,
+    new_array,
+    open_array,
+    read_json,
+    save_array,
+    temp_path,
+    unlink_quietly,
+    write_json,
+    writing,
+)
 
 __all__ = [
     "Store",
     "RowArrays",
+    "TrainWriter",
     "write_json",
     "read_json",
     "save_array",
     "open_array",
+    "new_array",
+    "format_rows",
     "FORMAT_VERSION",
 ]
 
@@ -52,77 +77,20 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RANGE = re.compile(r"^(\d+)-(\d+)$")
+_MERGE_ROWS = 4096
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON atomically: a temporary file, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """Read a JSON file written by ``write_json``; ``None`` if it is absent."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise StoreCorruptError(
-            f"{path} is not valid JSON ({error}); it was not written by this "
-            "version of kerntrace, or was edited by hand; delete it to redo "
-            "the step that wrote it"
-        ) from error
-
-
-def _create_array(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-    array.flush()
-    del array
-    os.replace(tmp, path)
-
-
-def open_array(
-    path: Path, shape: tuple[int, ...], dtype: np.dtype | str, *, writable: bool
-) -> np.memmap:
-    """Open a ``.npy`` memmap, creating it (zeros) if writable and absent.
-
-    Raises:
-        StoreCorruptError: The file exists with another shape or dtype, or
-            cannot be read as ``.npy``.
-        FileNotFoundError: It is absent and ``writable`` is false.
-    """
-    dtype = np.dtype(dtype)
-    if not path.exists():
-        if not writable:
-            raise FileNotFoundError(path)
-        _create_array(path, shape, dtype)
-    try:
-        array = np.load(path, mmap_mode="r+" if writable else "r")
-    except (ValueError, OSError) as error:
-        raise StoreCorruptError(
-            f"{path} cannot be read as a .npy array ({error}); delete it and "
-            "rerun the step that wrote it"
-        ) from error
-    if array.shape != shape or array.dtype != dtype:
-        raise StoreCorruptError(
-            f"{path} holds an array of shape {array.shape} and dtype "
-            f"{array.dtype}, expected {shape} and {dtype}; it belongs to another "
-            "run: use a new save_dir"
-        )
-    return array
+def format_rows(rows: np.ndarray, *, limit: int = 6) -> str:
+    """Row indices as sorted ranges, e.g. ``"3..9, 12, 20..31"``."""
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    if rows.size == 0:
+        return "none"
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    spans = [(int(part[0]), int(part[-1])) for part in np.split(rows, breaks)]
+    text = [f"{a}..{b}" if b > a else f"{a}" for a, b in spans[:limit]]
+    more = f" and {len(spans) - limit} more ranges" if len(spans) > limit else ""
+    return ", ".join(text) + more
 
 
 @dataclass
@@ -141,20 +109,114 @@ class RowArrays:
     weights: np.ndarray | None = None
 
     def write(self, rows: np.ndarray, features: np.ndarray, weights=None) -> None:
-        """Write rows, flush them, then mark them done and flush that."""
+        """Write rows, flush them, then mark them done and flush that.
+
+        Raises:
+            StoreWriteError: The rows cannot be flushed to disk; they stay
+                marked as not done.
+        """
         self.features[rows] = features
         if self.weights is not None:
             self.weights[rows] = weights
         for array in (self.features, self.weights):
             if isinstance(array, np.memmap):
-                array.flush()
+                with writing(Path(array.filename)):
+                    array.flush()
         self.done[rows] = 1
         if isinstance(self.done, np.memmap):
-            self.done.flush()
+            with writing(Path(self.done.filename)):
+                self.done.flush()
 
     def missing(self) -> np.ndarray:
         """Indices of the rows not yet written."""
         return np.flatnonzero(self.done == 0)
+
+
+class TrainWriter:
+    """Writes train rows ``start..stop-1`` of one checkpoint, holding a claim.
+
+    Made by ``Store.writer``. ``pending`` leaves out rows outside the range
+    and rows already written, by this or any earlier writer. The claim is
+    released once every row of the range is written, or by ``release``; a
+    later ``write`` claims the rows again.
+    """
+
+    def __init__(
+        self, store: Store, model_id: int, start: int, stop: int, done: np.ndarray
+    ) -> None:
+        self.store, self.model_id = store, model_id
+        self.start, self.stop = start, stop
+        self.arrays: RowArrays | None = None
+        self._done = done
+        self._claim: Path | None = None
+
+    def pending(self, rows: np.ndarray) -> np.ndarray:
+        """Positions in ``rows`` of the rows this writer still has to write."""
+        positions = np.flatnonzero((rows >= self.start) & (rows < self.stop))
+        return positions[~self._done[rows[positions] - self.start]]
+
+    def claim(self) -> None:
+        """Claim the rows, and open the arrays they are written to.
+
+        Raises:
+            StoreBusyError: A live process of this or another host holds
+                some of the rows; the message names it.
+        """
+        store, model_id, start, stop = self.store, self.model_id, self.start, self.stop
+        with store.model_lock(model_id):
+            clash = [
+                claim
+                for claim in store.claims(model_id)
+                if claim.overlaps(start, stop) and not claim.mine()
+            ]
+            if clash:
+                raise StoreBusyError(
+                    f"model id {model_id} in {str(store.path)!r}: rows {start}.."
+                    f"{stop - 1} cannot be featurized here, another process is "
+                    f"writing {'; '.join(c.describe() for c in clash)}. Give each "
+                    "process disjoint rows (kerntrace.shard, or TRAKer(rank=, "
+                    "world_size=)) or wait for that process to finish; if it no "
+                    "longer runs, delete its claim file"
+                )
+            self._done = store.done_mask(model_id, start, stop)
+            if (start, stop) == (0, store.n):
+                self.arrays = store.train_rows(model_id)
+            else:
+                folder = store.model_dir(model_id) / "shards" / f"{start}-{stop}"
+                self.arrays = store.row_arrays(folder, stop - start, writable=True)
+            path = store.model_dir(model_id) / "claims" / f"{start}-{stop}.json"
+            write_json(
+                path,
+                {
+                    "rows": [start, stop],
+                    "pid": os.getpid(),
+                    "host": HOST,
+                    "process_start": process_start(os.getpid()),
+                    "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                },
+            )
+            self._claim = path
+
+    def write(
+        self, rows: np.ndarray, features: np.ndarray, weights: np.ndarray
+    ) -> None:
+        """Write rows that ``pending`` gave; release the claim when all are."""
+        if self._claim is None:
+            self.claim()
+        local = rows - self.start
+        self.arrays.write(local, features, weights)
+        self._done[local] = True
+        if self._done.all():
+            self.release()
+
+    def release(self) -> None:
+        """Give up the claim; other processes may then write these rows."""
+        if self._claim is not None:
+            claim = Claim.read(self._claim)
+            if claim is not None and claim.mine():
+                unlink_quietly(self._claim)
+        self._claim = None
+        self.arrays = None
 
 
 def _difference(key: str, stored: Any, given: Any) -> str:
@@ -180,6 +242,9 @@ def check_name(name: str, what: str) -> str:
 class Store:
     """A save directory bound to one set of settings.
 
+    Opening it deletes the temporary files that processes of this host left
+    when they died.
+
     Args:
         path: The directory; created if absent.
         settings: JSON-serializable settings every result depends on. If the
@@ -188,18 +253,31 @@ class Store:
     Raises:
         StoreMismatchError: The directory holds results made with other
             settings; the message names each setting that differs.
+        StoreWriteError: The directory is new and cannot be created or
+            written.
     """
 
     def __init__(self, path: str | os.PathLike[str], settings: dict[str, Any]):
         self.path = Path(path)
         self.settings = {"format_version": FORMAT_VERSION, **settings}
-        self.path.mkdir(parents=True, exist_ok=True)
+        with writing(self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
         self._open: dict[tuple, RowArrays] = {}
+        removed = remove_dead_temporaries(self.path)
+        if removed:
+            logger.info(
+                "removed %d temporary file(s) of interrupted runs from %s",
+                len(removed),
+                self.path,
+            )
         recorded = read_json(self.path / "store.json")
         if recorded is None:
-            write_json(self.path / "store.json", self.settings)
-            logger.info("created store %s", self.path)
-            return
+            with lock(self.path / ".lock"):
+                recorded = read_json(self.path / "store.json")
+                if recorded is None:
+                    write_json(self.path / "store.json", self.settings)
+                    logger.info("created store %s", self.path)
+                    return
         differ = [
             _difference(key, recorded.get(key), self.settings.get(key))
             for key in sorted(set(recorded) | set(self.settings))
@@ -237,31 +315,36 @@ class Store:
         return self.path / "experiments" / check_name(exp_name, "exp_name")
 
     def model_ids(self) -> list[int]:
-        """Model ids that have train features on disk, sorted."""
+        """Model ids with train features (or shards of them) on disk, sorted."""
         root = self.path / "models"
         if not root.exists():
             return []
         ids = [int(p.name) for p in root.iterdir() if p.name.isdigit()]
-        return sorted(i for i in ids if (root / str(i) / "done.npy").exists())
+        return sorted(
+            i for i in ids if (root / str(i) / "done.npy").exists() or self._shards(i)
+        )
+
+    def row_arrays(self, folder: Path, rows: int, *, writable: bool) -> RowArrays:
+        """The features, weights and progress of ``rows`` train rows in ``folder``."""
+        # ``done`` comes last: a folder without it holds no finished row.
+        features = open_array(
+            folder / "features.npy",
+            (rows, self.k),
+            self.feature_dtype,
+            writable=writable,
+        )
+        weights = open_array(
+            folder / "out_to_loss.npy", (rows,), "float32", writable=writable
+        )
+        done = open_array(folder / "done.npy", (rows,), "uint8", writable=writable)
+        return RowArrays(features=features, done=done, weights=weights)
 
     def train_rows(self, model_id: int, *, writable: bool = True) -> RowArrays:
         """The train features, weights and progress of one checkpoint."""
         key = ("train", model_id, writable)
         if key not in self._open:
-            folder = self.model_dir(model_id)
-            self._open[key] = RowArrays(
-                features=open_array(
-                    folder / "features.npy",
-                    (self.n, self.k),
-                    self.feature_dtype,
-                    writable=writable,
-                ),
-                weights=open_array(
-                    folder / "out_to_loss.npy", (self.n,), "float32", writable=writable
-                ),
-                done=open_array(
-                    folder / "done.npy", (self.n,), "uint8", writable=writable
-                ),
+            self._open[key] = self.row_arrays(
+                self.model_dir(model_id), self.n, writable=writable
             )
         return self._open[key]
 
@@ -272,17 +355,16 @@ class Store:
         key = ("target", exp_name, model_id, num_targets, writable)
         if key not in self._open:
             folder = self.experiment_dir(exp_name) / "models" / str(int(model_id))
-            self._open[key] = RowArrays(
-                features=open_array(
-                    folder / "features.npy",
-                    (num_targets, self.k),
-                    self.feature_dtype,
-                    writable=writable,
-                ),
-                done=open_array(
-                    folder / "done.npy", (num_targets,), "uint8", writable=writable
-                ),
+            features = open_array(
+                folder / "features.npy",
+                (num_targets, self.k),
+                self.feature_dtype,
+                writable=writable,
             )
+            done = open_array(
+                folder / "done.npy", (num_targets,), "uint8", writable=writable
+            )
+            self._open[key] = RowArrays(features=features, done=done)
         return self._open[key]
 
     def forget(self, *prefix: object) -> None:
@@ -300,15 +382,139 @@ class Store:
 
     def remove(self, relative: str) -> None:
         """Delete a file of the store if present."""
-        (self.path / relative).unlink(missing_ok=True)
+        path = self.path / relative
+        with writing(path):
+            path.unlink(missing_ok=True)
 
+    # -- several writers --------------------------------------------------
 
-def save_array(path: Path, array: np.ndarray) -> None:
-    """Save a ``.npy`` file atomically (temporary file, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    def model_lock(self, model_id: int) -> FileLock:
+        """The lock, across processes, on the claims and shards of one checkpoint.
+
+        It is re-entrant within a thread, and released by the kernel if its
+        holder dies.
+        """
+        return lock(self.model_dir(model_id) / ".lock")
+
+    def _shards(self, model_id: int) -> list[tuple[int, int, Path]]:
+        root = self.model_dir(model_id) / "shards"
+        if not root.is_dir():
+            return []
+        shards = []
+        for folder in root.iterdir():
+            match = _RANGE.match(folder.name)
+            if match and folder.is_dir():
+                shards.append((int(match[1]), int(match[2]), folder))
+        return sorted(shards)
+
+    def claims(self, model_id: int) -> list[Claim]:
+        """Live claims on the rows of ``model_id``; dead writers' are deleted.
+
+        Call it holding ``model_lock(model_id)``.
+        """
+        root = self.model_dir(model_id) / "claims"
+        if not root.is_dir():
+            return []
+        live = []
+        for path in sorted(root.glob("*.json")):
+            if not _RANGE.match(path.stem):
+                continue
+            claim = Claim.read(path)
+            if claim is not None and claim.alive():
+                live.append(claim)
+                continue
+            if claim is not None:
+                logger.info(
+                    "model id %d: deleted the claim on rows %d..%d of pid %d, "
+                    "which no longer runs",
+                    model_id,
+                    claim.start,
+                    claim.stop - 1,
+                    claim.pid,
+                )
+            unlink_quietly(path)
+        return live
+
+    def done_mask(self, model_id: int, start: int, stop: int) -> np.ndarray:
+        """Which of rows ``start..stop-1`` are written, in a shard or not.
+
+        Returns:
+            Shape (stop - start,), bool.
+        """
+        mask = np.zeros(stop - start, dtype=bool)
+        folder = self.model_dir(model_id)
+        if (folder / "done.npy").exists():
+            done = open_array(folder / "done.npy", (self.n,), "uint8", writable=False)
+            mask |= done[start:stop].astype(bool)
+        for a, b, shard in self._shards(model_id):
+            low, high = max(a, start), min(b, stop)
+            if low >= high or not (shard / "done.npy").exists():
+                continue
+            done = open_array(shard / "done.npy", (b - a,), "uint8", writable=False)
+            mask[low - start : high - start] |= done[low - a : high - a].astype(bool)
+        return mask
+
+    def rows_done(self, model_id: int) -> int:
+        """How many train rows of ``model_id`` are written."""
+        return int(self.done_mask(model_id, 0, self.n).sum())
+
+    def writer(self, model_id: int, start: int, stop: int) -> TrainWriter:
+        """A writer of train rows ``start..stop-1`` of ``model_id``.
+
+        It claims the rows unless every one is written already.
+
+        Raises:
+            StoreBusyError: A live process holds some of these rows.
+        """
+        with self.model_lock(model_id):
+            done = self.done_mask(model_id, start, stop)
+            writer = TrainWriter(self, model_id, start, stop, done)
+            if not done.all():
+                writer.claim()
+            return writer
+
+    def gather(self, model_id: int) -> tuple[RowArrays, list[Claim]]:
+        """Merge the written shards of ``model_id`` into its own arrays.
+
+        Shards that a live process (this one included) still writes are left
+        alone, and their claims returned.
+
+        Returns:
+            The checkpoint's arrays (``train_rows``), and the claims of live
+            writers that have rows left to write.
+        """
+        with self.model_lock(model_id):
+            claims = self.claims(model_id)
+            busy = [
+                c for c in claims if not self.done_mask(model_id, c.start, c.stop).all()
+            ]
+            for claim in claims:
+                if claim not in busy:
+                    unlink_quietly(claim.path)
+            main = self.train_rows(model_id)
+            for start, stop, folder in self._shards(model_id):
+                if any(c.overlaps(start, stop) for c in busy):
+                    continue
+                self._merge(main, start, stop, folder)
+                trash = temp_path(folder)
+                with writing(folder):
+                    folder.rename(trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            return main, busy
+
+    def _merge(self, main: RowArrays, start: int, stop: int, folder: Path) -> None:
+        if not (folder / "done.npy").exists():
+            return
+        shard = self.row_arrays(folder, stop - start, writable=False)
+        fresh = np.flatnonzero((shard.done == 1) & (main.done[start:stop] == 0))
+        for first in range(0, fresh.size, _MERGE_ROWS):
+            local = fresh[first : first + _MERGE_ROWS]
+            main.write(local + start, shard.features[local], shard.weights[local])
+        if fresh.size:
+            logger.info(
+                "merged %d rows of shard %d..%d into %s",
+                fresh.size,
+                start,
+                stop - 1,
+                folder.parent.parent,
+            )
