@@ -170,7 +170,14 @@ def test_n4_a_component_shared_by_every_example_warns_in_float16(tmp_path):
     y = torch.randn(12)
 
     with pytest.warns(kt.PrecisionWarning, match="differ between examples"):
-        featurized(tmp_path, model, (x, y), task="regression", feature_dtype="float16")
+        featurized(
+            tmp_path,
+            model,
+            (x, y),
+            task="regression",
+            feature_dtype="float16",
+            projector="dense",
+        )
 
 
 # -- N6: scaling laws -------------------------------------------------------------

@@ -245,8 +245,21 @@ def test_auto_projector_picks_dense_when_few_parameters_are_in_layers(tmp_path):
     model = Scaled()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        traker = kt.TRAKer(model, "classification", 10, tmp_path, proj_dim=4)
+        traker = kt.TRAKer(model, "classification", 10, tmp_path, proj_dim=2)
     assert traker.projector_kind == "dense"
+
+
+def test_auto_projector_uses_the_exact_gradients_when_k_reaches_p(tmp_path, make_mlp):
+    model = make_mlp(d_in=5, hidden=6, classes=3)  # 57 parameters
+    for k, folder in [(57, "equal"), (500, "above")]:
+        traker = kt.TRAKer(model, "classification", 10, tmp_path / folder, proj_dim=k)
+        assert (traker.projector_kind, traker.proj_dim) == ("identity", 57)
+    traker = kt.TRAKer(model, "classification", 10, tmp_path / "below", proj_dim=56)
+    assert traker.projector_kind == "factorized"
+    explicit = kt.TRAKer(
+        model, "classification", 10, tmp_path / "dense", proj_dim=500, projector="dense"
+    )
+    assert (explicit.projector_kind, explicit.proj_dim) == ("dense", 500)
 
 
 def test_factorized_scores_match_dense_scores_closely(

@@ -251,10 +251,12 @@ class TRAKer:
             have been made with the same settings.
         proj_dim: k, the number of features per example. ``None`` takes
             2048, or the number of parameters p if that is smaller.
-        projector: ``"auto"`` (default) takes ``"factorized"`` when at least
-            half of the selected parameters sit in Linear, Conv2d or Embedding
-            layers, else ``"dense"``, or ``"sparse"`` when a dense matrix
-            would pass 1 GiB, and logs its choice. ``"factorized"`` projects
+        projector: ``"auto"`` (default) takes ``"identity"`` (the exact
+            gradients, k = p) when ``proj_dim`` is at least the number of
+            parameters p, else ``"factorized"`` when at least half of the
+            selected parameters sit in Linear, Conv2d or Embedding layers,
+            else ``"dense"``, or ``"sparse"`` when a dense matrix would pass
+            1 GiB, and logs its choice. ``"factorized"`` projects
             layer by layer from hooks' captures, never forming the
             p-dimensional gradient; ``"dense"`` (Gaussian), ``"rademacher"``,
             ``"sparse"`` (sparse JL) and ``"identity"`` (no projection)
@@ -368,6 +370,16 @@ class TRAKer:
             self.proj_dim = min(DEFAULT_PROJ_DIM, self.layout.numel)
         else:
             self.proj_dim = int(proj_dim)
+        if projector == "auto" and self.proj_dim >= self.layout.numel:
+            logger.info(
+                "projector 'auto' chose 'identity': proj_dim=%d is at least the "
+                "%d parameters, so the exact per-example gradients are the "
+                "features (k=%d); a random projection would only distort them",
+                self.proj_dim,
+                self.layout.numel,
+                self.layout.numel,
+            )
+            projector, self.proj_dim = "identity", self.layout.numel
         self._described = False
         projector = self._choose_projector(projector)
         self.projector_kind = projector
