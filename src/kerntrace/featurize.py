@@ -124,18 +124,14 @@ class Featurizer:
     def _chunk(self, part: Any) -> tuple[Tensor, Tensor]:
         if not self._verified:
             self._verify(part)
-        pieces, weights = [], None
-        if self.factorized is not None:
-            features, weights = self.factorized.features(self.model, self.task, part)
-            pieces.append(features)
+        rest, weights = None, None
         if self.gradients is not None and self.dense is not None:
-            grads, weight = self.gradients.compute(part)
-            pieces.append(self.dense.project(grads))
-            weights = weight if weights is None else weights
-        features = torch.cat(pieces, dim=1)
-        if self.factorized is not None:
-            features = self.factorized.mix(features)
-        return features, weights
+            grads, weights = self.gradients.compute(part)
+            rest = self.dense.project(grads)
+        if self.factorized is None:
+            return rest, weights
+        columns, weights = self.factorized.features(self.model, self.task, part)
+        return self.factorized.mix(columns, rest), weights
 
     def __call__(
         self, batch: Any, rows: Sequence[int] | None = None
