@@ -117,7 +117,6 @@ def test_sparse_projection_of_columns_equals_projection_of_rows():
     projector = SparseProjector(3000, 64, seed=7, model_id=2, nonzeros=2)
     grads = _rows(9, 3000, seed=8)
     columns = projector.project_columns(grads.T.contiguous())
-    assert columns.is_contiguous()
     torch.testing.assert_close(columns, projector.project(grads))
 
 

@@ -187,11 +187,12 @@ def _norm_gradients(
         view = [1, -1] + [1] * (inputs.dim() - 2)
         mean = module.running_mean.reshape(view)
         var = module.running_var.reshape(view)
-        normalized = (inputs - mean) / torch.sqrt(var + module.eps)
+        scale = torch.rsqrt(var + module.eps).reshape(1, -1)
         if inputs.dim() == 2:
-            return grad_out * normalized, grad_out
+            return grad_out * (inputs - mean) * scale, grad_out
         dims = tuple(range(2, inputs.dim()))
-        return (grad_out * normalized).sum(dims), grad_out.sum(dims)
+        d_gamma = (grad_out * (inputs - mean)).sum(dims) * scale
+        return d_gamma, grad_out.sum(dims)
     dims = tuple(range(-len(module.normalized_shape), 0))
     mean = inputs.mean(dim=dims, keepdim=True)
     var = inputs.var(dim=dims, unbiased=False, keepdim=True)
@@ -318,12 +319,13 @@ class FactorizedProjector:
                 parameters' gradients, if any.
 
         Returns:
-            (B, proj_dim), contiguous, in the dtype of ``columns``.
+            (B, proj_dim) in the dtype of ``columns``, the transpose of a
+            contiguous (proj_dim, B) tensor.
         """
         if rest is not None:
             columns = torch.cat([columns, rest.T])
         if self.mixer is None:
-            return columns.T.contiguous()
+            return columns.T
         return self.mixer.project_columns(columns)
 
     @staticmethod
@@ -458,8 +460,9 @@ def _project_call(
         else:
             torch.mul(left.unsqueeze(1), right.unsqueeze(0), out=block)
     else:
-        product = torch.bmm(u, a.transpose(1, 2))
-        _put(target[:, :columns], product.permute(1, 2, 0), accumulate)
+        # (B, n, T) @ (B, T, k_out) is the faster order for BLAS here.
+        product = torch.bmm(a, u.transpose(1, 2))
+        _put(target[:, :columns], product.permute(2, 1, 0), accumulate)
     if p_in is None and layer.bias is not None:
         _put(target[:, columns], u.sum(-1).T, accumulate)
 

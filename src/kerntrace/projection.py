@@ -267,7 +267,8 @@ class SparseProjector(Projector):
                 than the transpose of (B, p) rows.
 
         Returns:
-            Shape (B, k), contiguous, in the dtype of ``columns``.
+            Shape (B, k) in the dtype of ``columns``: the transpose of a
+            contiguous (k, B) result, which ``numpy`` copies out fastest.
         """
         if columns.shape[0] != self.grad_dim:
             raise ConfigurationError(
@@ -275,7 +276,7 @@ class SparseProjector(Projector):
                 f"projector expects {self.grad_dim}"
             )
         transposed = self._sparse_transpose(columns.device, columns.dtype)
-        return torch.sparse.mm(transposed, columns).T.contiguous()
+        return torch.sparse.mm(transposed, columns).T
 
 
 class IdentityProjector(Projector):

@@ -30,7 +30,7 @@ import logging
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -139,17 +139,30 @@ class RowArrays:
     features: np.ndarray
     done: np.ndarray
     weights: np.ndarray | None = None
+    _remaining: int | None = field(default=None, init=False, repr=False)
 
     def write(self, rows: np.ndarray, features: np.ndarray, weights=None) -> None:
-        """Write rows, flush them, then mark them done and flush that."""
+        """Write rows, flush them to disk, then mark them done.
+
+        The flags are set only once the rows they mark are on disk, so no
+        crash, even of the machine, leaves a row marked done but unwritten.
+        The flags are flushed when the last missing row is written; before
+        that a killed process leaves them in the page cache, where the next
+        reader finds them and from where the system writes them out. Only a
+        crash of the machine can lose a flag, and the row is then computed
+        again.
+        """
         self.features[rows] = features
         if self.weights is not None:
             self.weights[rows] = weights
         for array in (self.features, self.weights):
             if isinstance(array, np.memmap):
                 array.flush()
+        if self._remaining is None:
+            self._remaining = int(np.count_nonzero(self.done == 0))
+        self._remaining -= int(np.count_nonzero(self.done[rows] == 0))
         self.done[rows] = 1
-        if isinstance(self.done, np.memmap):
+        if self._remaining <= 0 and isinstance(self.done, np.memmap):
             self.done.flush()
 
     def missing(self) -> np.ndarray:
