@@ -523,8 +523,8 @@ class _ReusedForward:
 
     def __init__(self, model: nn.Module, tensors: dict[str, Tensor]) -> None:
         self.model, self.tensors = model, tensors
-        self.last: tuple[tuple[Any, ...], list[Tensor], list[int], Tensor] | None
-        self.last = None
+        # (argument layout, arguments, their and the output's versions, output)
+        self.last: tuple[tuple[Any, ...], list[Tensor], list[int], Tensor] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         inputs = [*args, *kwargs.values()]
