@@ -15,10 +15,11 @@ the peak resident memory of doing so:
   (``PerExampleGradients.compute``, ``torch.func`` vmap, no projection), and
   one plain batched forward and backward pass as a lower bound.
 
-Every configuration runs in its own subprocess on 2 CPU threads, so that
-its peak RSS (``ru_maxrss`` read at the end of the child) is its own. The
-first batch is excluded from the throughput: it is reported, together
-with the tool's construction and checkpoint loading, as a one-time cost.
+Every configuration runs in its own subprocess on 2 CPU threads (``--threads``
+changes that), so that its peak RSS (``ru_maxrss`` read at the end of the
+child) is its own. The first batch is excluded from the throughput: it is
+reported, together with the tool's construction and checkpoint loading, as a
+one-time cost.
 A configuration whose timed batches pass ``--budget`` seconds stops there,
 once at least 300 examples are timed, and says how many it timed.
 
@@ -120,6 +121,7 @@ class Config:
         k: Requested projection dimension (0 for the floors).
         n: Train examples available.
         budget: Seconds of timed batches after which the run may stop.
+        threads: Intra-op threads of the child (``torch.set_num_threads``).
     """
 
     model: str
@@ -127,6 +129,7 @@ class Config:
     k: int
     n: int
     budget: float
+    threads: int = THREADS
 
 
 # -- the child: one measurement ------------------------------------------
@@ -315,7 +318,7 @@ def run_child(config: Config) -> dict[str, Any]:
     """Measure one configuration in this process and return its results."""
     import torch
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(config.threads)
     spec = next(m for m in MODELS if m.key == config.model)
     model, x, y = _model_and_data(spec, config.n)
     batches = [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, config.n, BATCH)]
@@ -356,8 +359,8 @@ def run_child(config: Config) -> dict[str, Any]:
 def _spawn(config: Config, timeout: float) -> dict[str, Any]:
     env = dict(os.environ)
     env.update(
-        OMP_NUM_THREADS=str(THREADS),
-        MKL_NUM_THREADS=str(THREADS),
+        OMP_NUM_THREADS=str(config.threads),
+        MKL_NUM_THREADS=str(config.threads),
         HF_HUB_OFFLINE="1",
         PYTHONWARNINGS="ignore",
     )
@@ -388,10 +391,12 @@ def _configs(args: argparse.Namespace) -> list[Config]:
         for k in args.ks:
             for tool in args.tools:
                 if tool in PROJECTED_TOOLS:
-                    configs.append(Config(spec.key, tool, k, n, args.budget))
+                    configs.append(
+                        Config(spec.key, tool, k, n, args.budget, args.threads)
+                    )
         for tool in args.tools:
             if tool in FLOOR_TOOLS:
-                configs.append(Config(spec.key, tool, 0, n, args.budget))
+                configs.append(Config(spec.key, tool, 0, n, args.budget, args.threads))
     return configs
 
 
@@ -608,6 +613,8 @@ def render(
     date = datetime.datetime.now(datetime.timezone.utc)
     loads = [r["load_before"] for r in results if _ok(r)]
     cpu = [r["cpu_per_wall"] for r in results if _ok(r)]
+    counts = sorted({r["threads"] for r in results if _ok(r)}) or [THREADS]
+    threads = "/".join(map(str, counts))
     cut = sorted(
         {
             f"{r['model']} {r['tool']} k={r['k']}"
@@ -629,7 +636,7 @@ def render(
         f"{machine['python']}, torch {machine['torch']}, kerntrace "
         f"{machine['kerntrace']}, traker {machine['traker']}.",
         f"- Every configuration ran in its own subprocess with "
-        f"`torch.set_num_threads({THREADS})`, batch size {BATCH} for every "
+        f"`torch.set_num_threads({threads})`, batch size {BATCH} for every "
         "tool, float32 models. The machine was shared: the 1-minute load "
         f"average at the start of the children ranged {min(loads, default=0):.1f}"
         f"–{max(loads, default=0):.1f} on {machine['cores']} cores, and the "
@@ -710,6 +717,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="seconds of timed batches per configuration (default 45, quick 5)",
     )
     parser.add_argument("--examples", type=int, default=None, help="cap on n")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=THREADS,
+        help=f"intra-op threads of every child (default {THREADS})",
+    )
     parser.add_argument("--results", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="raw results")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -53,9 +53,37 @@ class WeightOutsideForward(nn.Module):
         return self.head(h)
 
 
+class VariedConvs(nn.Module):
+    """Convs with stride, dilation, a non-square kernel and 'same' padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(2, 3, (3, 2), stride=(2, 1), dilation=(1, 2), padding=1)
+        self.second = nn.Conv2d(3, 4, 3, padding="same", bias=False)
+        self.head = nn.Linear(4 * 5 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.second(torch.tanh(self.first(x))))
+        return self.head(h.flatten(1))
+
+
+class OverPositions(nn.Module):
+    """A Linear layer applied at every position of a (B, T, d) sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(x)).mean(1))
+
+
 def _models(make_mlp, make_cnn, make_shared_linear, make_classification):
     x, y = make_classification(6, (4,), dtype=torch.float64)
     images, labels = make_classification(6, (1, 6, 6), dtype=torch.float64)
+    varied, _ = make_classification(6, (2, 9, 8), dtype=torch.float64)
+    sequences, _ = make_classification(6, (3, 4), dtype=torch.float64)
     generator = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 13, (6, 4), generator=generator)
     tokens[:, -1] = 0
@@ -65,10 +93,15 @@ def _models(make_mlp, make_cnn, make_shared_linear, make_classification):
         "cnn": (make_cnn(dtype=torch.float64), (images, labels)),
         "shared": (make_shared_linear(dtype=torch.float64), (x, y)),
         "embedding": (EmbeddingBag().double(), (tokens, y)),
+        "convs": (VariedConvs().double(), (varied, y)),
+        "positions": (OverPositions().double(), (sequences, y)),
     }
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "shared", "embedding"])
+MODELS = ["mlp", "cnn", "shared", "embedding", "convs", "positions"]
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_captured_gradients_equal_the_autograd_loop(
     name, make_mlp, make_cnn, make_shared_linear, make_classification, loop_gradients
 ):
@@ -87,7 +120,7 @@ def test_captured_gradients_equal_the_autograd_loop(
     torch.testing.assert_close(weights, torch.sigmoid(-margin))
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "shared", "embedding"])
+@pytest.mark.parametrize("name", MODELS)
 def test_identity_factors_give_the_exact_layer_gradients(
     name, make_mlp, make_cnn, make_shared_linear, make_classification, loop_gradients
 ):
@@ -132,6 +165,109 @@ def test_identity_factors_give_the_exact_layer_gradients(
             [exact[:, offsets[n] : offsets[n] + sizes[n]] for n in rest], 1
         )
         torch.testing.assert_close(tail, expected)
+
+
+def _exact_layer_matrix(layer, exact, offsets, sizes, rows):
+    """Each example's G (n_out, n_in) of a layer, bias as the last column."""
+    start = offsets[layer.weight]
+    weight = exact[:, start : start + sizes[layer.weight]]
+    if isinstance(layer.module, nn.Embedding):
+        return weight.reshape(rows, layer.n_in, layer.n_out).transpose(1, 2)
+    columns = layer.n_in - (layer.bias is not None)
+    matrix = weight.reshape(rows, layer.n_out, columns)
+    if layer.bias is not None:
+        start = offsets[layer.bias]
+        bias = exact[:, start : start + sizes[layer.bias]]
+        matrix = torch.cat([matrix, bias.unsqueeze(-1)], dim=2)
+    return matrix
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_projected_factors_give_p_out_t_g_p_in(
+    name, make_mlp, make_cnn, make_shared_linear, make_classification, loop_gradients
+):
+    model, (x, y) = _models(
+        make_mlp, make_cnn, make_shared_linear, make_classification
+    )[name]
+    layout = select_parameters(model)
+    projector = FactorizedProjector(model, layout, 3, seed=0, model_id=0)
+    assert any(la.p_in is not None or la.p_out is not None for la in projector.layers)
+    columns, _ = projector.features(model, ClassificationTask(), (x, y))
+    assert columns.shape[1] == len(x)
+    exact = loop_gradients(model, x, y)
+    offsets = dict(zip(layout.names, np.cumsum((0, *layout.sizes)), strict=False))
+    sizes = dict(zip(layout.names, layout.sizes, strict=True))
+    for layer in projector.layers:
+        matrix = _exact_layer_matrix(layer, exact, offsets, sizes, len(x))
+        if layer.p_out is not None:
+            matrix = layer.p_out.double().T @ matrix
+        if layer.p_in is not None:
+            matrix = matrix @ layer.p_in.double()
+        block = columns[layer.offset : layer.offset + layer.width]
+        torch.testing.assert_close(
+            block.T.reshape(len(x), layer.k_out, layer.k_in), matrix
+        )
+
+
+class CountingTask(ClassificationTask):
+    """Counts the forward passes; ``fresh`` makes out_to_loss copy the inputs."""
+
+    def __init__(self, fresh: bool = False) -> None:
+        super().__init__()
+        self.fresh, self.calls = fresh, 0
+
+    def _counted(self, model):
+        def counted(*args):
+            self.calls += 1
+            return model(*args)
+
+        return counted
+
+    def output(self, model, batch):
+        return super().output(self._counted(model), batch)
+
+    def out_to_loss(self, model, batch):
+        if self.fresh:
+            batch = (batch[0].clone(), batch[1])
+        return super().out_to_loss(self._counted(model), batch)
+
+
+@pytest.mark.parametrize(("fresh", "forwards"), [(False, 1), (True, 2)])
+def test_weights_reuse_the_forward_pass_only_on_the_same_inputs(
+    make_mlp, make_classification, fresh, forwards
+):
+    model = make_mlp(d_in=4, dtype=torch.float64)
+    x, y = make_classification(5, (4,), dtype=torch.float64)
+    layout = select_parameters(model)
+    task = CountingTask(fresh)
+    runs = []
+    handle = model.register_forward_hook(lambda *_: runs.append(1))
+    try:
+        _, weights = CapturedGradients(model, task, layout).compute((x, y))
+    finally:
+        handle.remove()
+    assert len(runs) == forwards and task.calls == 2
+    with torch.no_grad():
+        margin = classification_margin(model.eval()(x), y)
+    torch.testing.assert_close(weights, torch.sigmoid(-margin))
+
+
+class InPlaceTask(ClassificationTask):
+    """Scales the inputs in place between the output and the weights."""
+
+    def out_to_loss(self, model, batch):
+        batch[0].mul_(2.0)
+        return super().out_to_loss(model, batch)
+
+
+def test_inputs_changed_in_place_are_run_again(make_mlp, make_classification):
+    model = make_mlp(d_in=4, dtype=torch.float64)
+    x, y = make_classification(5, (4,), dtype=torch.float64)
+    layout = select_parameters(model)
+    _, weights = CapturedGradients(model, InPlaceTask(), layout).compute((x.clone(), y))
+    with torch.no_grad():
+        margin = classification_margin(model.eval()(2.0 * x), y)
+    torch.testing.assert_close(weights, torch.sigmoid(-margin))
 
 
 def test_factorized_and_dense_agree_in_expectation(make_mlp, make_classification):

@@ -109,3 +109,21 @@ def test_sparse_projector_rejects_more_nonzeros_than_features():
 
     with pytest.raises(ConfigurationError, match="nonzeros must lie in 1..proj_dim"):
         SparseProjector(100, 4, seed=0, model_id=0, nonzeros=5)
+
+
+def test_sparse_projection_of_columns_equals_projection_of_rows():
+    from kerntrace.projection import SparseProjector
+
+    projector = SparseProjector(3000, 64, seed=7, model_id=2, nonzeros=2)
+    grads = _rows(9, 3000, seed=8)
+    columns = projector.project_columns(grads.T.contiguous())
+    torch.testing.assert_close(columns, projector.project(grads))
+
+
+def test_sparse_projection_of_columns_refuses_another_width():
+    from kerntrace.errors import ConfigurationError
+    from kerntrace.projection import SparseProjector
+
+    projector = SparseProjector(100, 8, seed=0, model_id=0)
+    with pytest.raises(ConfigurationError, match="columns hold 99 gradient"):
+        projector.project_columns(torch.zeros(99, 3))

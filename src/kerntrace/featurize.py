@@ -124,18 +124,14 @@ class Featurizer:
     def _chunk(self, part: Any) -> tuple[Tensor, Tensor]:
         if not self._verified:
             self._verify(part)
-        pieces, weights = [], None
-        if self.factorized is not None:
-            features, weights = self.factorized.features(self.model, self.task, part)
-            pieces.append(features)
+        rest, weights = None, None
         if self.gradients is not None and self.dense is not None:
-            grads, weight = self.gradients.compute(part)
-            pieces.append(self.dense.project(grads))
-            weights = weight if weights is None else weights
-        features = torch.cat(pieces, dim=1)
-        if self.factorized is not None:
-            features = self.factorized.mix(features)
-        return features, weights
+            grads, weights = self.gradients.compute(part)
+            rest = self.dense.project(grads)
+        if self.factorized is None:
+            return rest, weights
+        columns, weights = self.factorized.features(self.model, self.task, part)
+        return self.factorized.mix(columns, rest), weights
 
     def __call__(
         self, batch: Any, rows: Sequence[int] | None = None
@@ -162,9 +158,9 @@ class Featurizer:
         for start in range(0, total, self.chunk_rows):
             part = slice_batch(batch, slice(start, start + self.chunk_rows))
             projected, weight = self._chunk(part)
-            finite = torch.isfinite(projected).all(dim=1) & torch.isfinite(weight)
-            if not bool(finite.all()):
-                bad = start + int(torch.nonzero(~finite)[0, 0])
+            bad = _first_non_finite(projected, weight)
+            if bad is not None:
+                bad += start
                 name = rows[bad] if rows is not None else bad
                 raise NonFiniteGradientError(
                     f"the gradient or out-to-loss weight of example {name} is "
@@ -177,4 +173,21 @@ class Featurizer:
                 projected.to(torch.float64 if wide else torch.float32).cpu()
             )
             weights.append(weight.float().cpu())
+        if len(features) == 1:
+            return features[0], weights[0]
         return torch.cat(features), torch.cat(weights)
+
+
+def _first_non_finite(features: Tensor, weights: Tensor) -> int | None:
+    """The first row whose features or weight hold a NaN or an infinity.
+
+    A row's sum is finite when all its entries are, so the rows are summed
+    first and only a batch with a non-finite sum is searched entry by entry
+    (a sum can also overflow with finite entries: that batch is searched
+    and passes).
+    """
+    if bool(torch.isfinite(features.sum(dim=1) + weights).all()):
+        return None
+    finite = torch.isfinite(features).all(dim=1) & torch.isfinite(weights)
+    rows = torch.nonzero(~finite)
+    return int(rows[0, 0]) if rows.numel() else None

@@ -39,7 +39,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +107,18 @@ class RowArrays:
     features: np.ndarray
     done: np.ndarray
     weights: np.ndarray | None = None
+    _remaining: int | None = field(default=None, init=False, repr=False)
 
     def write(self, rows: np.ndarray, features: np.ndarray, weights=None) -> None:
-        """Write rows, flush them, then mark them done and flush that.
+        """Write rows, flush them to disk, then mark them done.
+
+        The flags are set only once the rows they mark are on disk, so no
+        crash, even of the machine, leaves a row marked done but unwritten.
+        The flags are flushed when the last missing row is written; before
+        that a killed process leaves them in the page cache, where the next
+        reader finds them and from where the system writes them out. Only a
+        crash of the machine can lose a flag, and the row is then computed
+        again.
 
         Raises:
             StoreWriteError: The rows cannot be flushed to disk; they stay
@@ -122,8 +131,11 @@ class RowArrays:
             if isinstance(array, np.memmap):
                 with writing(Path(array.filename)):
                     array.flush()
+        if self._remaining is None:
+            self._remaining = int(np.count_nonzero(self.done == 0))
+        self._remaining -= int(np.count_nonzero(self.done[rows] == 0))
         self.done[rows] = 1
-        if isinstance(self.done, np.memmap):
+        if self._remaining <= 0 and isinstance(self.done, np.memmap):
             with writing(Path(self.done.filename)):
                 self.done.flush()
 
