@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import kerntrace as kt
+from kerntrace import factorized
 from kerntrace.factorized import (
     CapturedGradients,
     FactorizedProjector,
@@ -184,8 +185,16 @@ def _exact_layer_matrix(layer, exact, offsets, sizes, rows):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_projected_factors_give_p_out_t_g_p_in(
-    name, make_mlp, make_cnn, make_shared_linear, make_classification, loop_gradients
+    name,
+    make_mlp,
+    make_cnn,
+    make_shared_linear,
+    make_classification,
+    loop_gradients,
+    monkeypatch,
 ):
+    # A narrow intermediate, so that these small layers get projected factors.
+    monkeypatch.setattr(factorized, "MIXING_FACTOR", 4)
     model, (x, y) = _models(
         make_mlp, make_cnn, make_shared_linear, make_classification
     )[name]
