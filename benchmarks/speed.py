@@ -18,8 +18,8 @@ the peak resident memory of doing so:
 Every configuration runs in its own subprocess on 2 CPU threads (``--threads``
 changes that), so that its peak RSS (``ru_maxrss`` read at the end of the
 child) is its own. The first batch is excluded from the throughput: it is
-reported, together with the tool's construction and checkpoint loading, as a
-one-time cost.
+reported, together with the tool's construction and checkpoint loading, as
+a one-time cost.
 A configuration whose timed batches pass ``--budget`` seconds stops there,
 once at least 300 examples are timed, and says how many it timed.
 

@@ -92,6 +92,8 @@ class FactorLayer:
         n_in: Input width (with the bias column), n_out: output width.
         k_in, k_out: Projected widths; the layer gets k_in · k_out features.
         offset: First feature of this layer.
+        p_in, p_out: The factors P_in (n_in, k_in) and P_out (n_out, k_out),
+            float32; ``None`` where a side is kept exact (the identity).
     """
 
     name: str
