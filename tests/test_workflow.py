@@ -261,6 +261,57 @@ def test_finalize_features_twice_is_harmless(tmp_path, checkpoints, train, targe
     np.testing.assert_array_equal(np.array(traker.finalize_scores("val")), before)
 
 
+# -- damaged store files ---------------------------------------------------------
+
+
+def test_truncated_features_are_refused_and_never_extended(
+    tmp_path, checkpoints, train
+):
+    traker = new_traker(tmp_path)
+    featurize_all(traker, checkpoints[:1], train)
+    path = tmp_path / "models" / "0" / "features.npy"
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
+
+    reopened = new_traker(tmp_path)
+    featurize_all(reopened, checkpoints[:1], train)  # every row is marked done
+    with pytest.raises(
+        kt.StoreCorruptError,
+        match=r"features\.npy holds \d+ bytes but its header announces .*delete "
+        r"the folder",
+    ):
+        reopened.finalize_features()
+
+    assert path.stat().st_size == len(content) // 2
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_damaged_kernel_factor_is_refused_then_refactored_by_finalize(
+    tmp_path, checkpoints, train, targets, damage
+):
+    traker = new_traker(tmp_path)
+    featurize_all(traker, checkpoints[:1], train)
+    traker.finalize_features()
+    score_ids(traker, checkpoints, targets, [0])
+    before = np.array(traker.finalize_scores("val"))
+    cholesky = tmp_path / "models" / "0" / "cholesky.npy"
+    content = cholesky.read_bytes()
+    if damage == "missing":
+        cholesky.unlink()
+    else:
+        cholesky.write_bytes(content[: len(content) // 2])
+
+    reopened = new_traker(tmp_path)
+    with pytest.raises(
+        kt.StoreCorruptError, match=r"cholesky\.npy.*call finalize_features\(\)"
+    ):
+        reopened.finalize_scores("val")
+    reopened.finalize_features()
+
+    assert cholesky.read_bytes() == content
+    np.testing.assert_allclose(np.array(reopened.finalize_scores("val")), before)
+
+
 # -- S4: reopening with other settings ------------------------------------------
 
 

@@ -33,6 +33,7 @@ from .errors import (
     NumericalError,
     OrderError,
     PrecisionWarning,
+    StoreCorruptError,
     StoreMismatchError,
 )
 from .factorized import FactorizedProjector, factorized_share
@@ -680,6 +681,7 @@ class TRAKer:
             recorded is not None
             and recorded.get("lambda_reg") == self.lambda_reg
             and recorded.get("form") == self._kernel_form
+            and self._factor_readable(model_id)
         ):
             logger.info("model id %d: kernel already finalized, kept", model_id)
             return
@@ -755,7 +757,7 @@ class TRAKer:
             train = self.store.train_rows(model_id, writable=False)
             features.append(train.features)
             weights += train.weights
-            lowers.append(np.load(self.store.model_dir(model_id) / "cholesky.npy"))
+            lowers.append(self._factor(model_id))
             info = self.store.read(f"models/{model_id}/kernel.json")
             dampings[model_id] = info["damping"]
         values = self_scores(features, lowers, weights / len(wanted))
@@ -956,6 +958,40 @@ class TRAKer:
             if self.store.read(f"models/{i}/kernel.json") is not None
         ]
 
+    def _factor(self, model_id: int) -> np.ndarray:
+        """The (k, k) float64 Cholesky factor of one checkpoint's kernel.
+
+        Raises:
+            StoreCorruptError: ``cholesky.npy`` is missing, cut off or of
+                another shape; ``finalize_features()`` writes it again.
+        """
+        path = self.store.model_dir(model_id) / "cholesky.npy"
+        k = self.store.k
+        try:
+            lower = np.load(path)
+        except (OSError, ValueError) as error:
+            problem = (
+                "is missing"
+                if isinstance(error, FileNotFoundError)
+                else (f"cannot be read ({error})")
+            )
+        else:
+            if lower.shape == (k, k) and lower.dtype == np.float64:
+                return lower
+            problem = f"holds shape {lower.shape} and dtype {lower.dtype}"
+        raise StoreCorruptError(
+            f"{path}, the kernel factor of model id {model_id}, {problem}; "
+            f"expected ({k}, {k}) float64; call finalize_features() again to "
+            "recompute it"
+        )
+
+    def _factor_readable(self, model_id: int) -> bool:
+        try:
+            self._factor(model_id)
+        except StoreCorruptError:
+            return False
+        return True
+
     def _targets_complete(self, exp_name: str, model_id: int, num: int) -> bool:
         if self.store.read(f"models/{model_id}/kernel.json") is None:
             return False
@@ -969,8 +1005,7 @@ class TRAKer:
         solved, features, dampings = [], [], {}
         weights = np.zeros(self.train_set_size, dtype=np.float64)
         for model_id in ids:
-            folder = self.store.model_dir(model_id)
-            lower = np.load(folder / "cholesky.npy")
+            lower = self._factor(model_id)
             targets = self.store.target_rows(
                 exp_name, model_id, num_targets, writable=False
             ).features
