@@ -338,6 +338,38 @@ def test_reopening_with_other_settings_names_the_setting(tmp_path, setting, opti
     assert (tmp_path / "store.json").read_bytes() == recorded
 
 
+@pytest.mark.parametrize("damage", ["missing", "garbage"])
+def test_results_without_a_readable_store_json_are_refused(
+    tmp_path, checkpoints, train, damage
+):
+    traker = new_traker(tmp_path)
+    featurize_all(traker, checkpoints[:1], train)
+    settings = tmp_path / "store.json"
+    if damage == "missing":
+        settings.unlink()
+    else:
+        settings.write_text("{not json")
+    files = snapshot(tmp_path / "models")
+
+    with pytest.raises(
+        kt.StoreCorruptError,
+        match=r"settings .*made with are unknown.*delete the whole directory or "
+        r"use a new save_dir",
+    ):
+        new_traker(tmp_path, projector_seed=5)
+
+    assert snapshot(tmp_path / "models") == files
+    assert settings.exists() == (damage == "garbage")
+
+
+def test_an_empty_directory_without_store_json_is_a_new_store(tmp_path):
+    (tmp_path / "models").mkdir()
+
+    new_traker(tmp_path)
+
+    assert (tmp_path / "store.json").exists()
+
+
 def test_reopening_with_the_same_settings_is_accepted(tmp_path):
     new_traker(tmp_path)
     new_traker(tmp_path)
