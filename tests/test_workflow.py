@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import kerntrace as kt
+import kerntrace.api
 from kerntrace.featurize import Featurizer
 
 N_TRAIN = 40
@@ -310,6 +311,49 @@ def test_damaged_kernel_factor_is_refused_then_refactored_by_finalize(
 
     assert cholesky.read_bytes() == content
     np.testing.assert_allclose(np.array(reopened.finalize_scores("val")), before)
+
+
+# -- sizes checked up front ------------------------------------------------------
+
+
+def test_a_kernel_beyond_half_the_memory_is_refused_before_the_store(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(kerntrace.api, "_physical_memory", lambda: 64 * 2**20)
+    save_dir = tmp_path / "store"
+
+    with pytest.raises(
+        kt.ConfigurationError,
+        match=r"proj_dim=4096 is too large: the \(k, k\) float64 kernel would "
+        r"need 128\.0 MiB, more than half the physical memory \(32\.0 MiB\); use "
+        r"proj_dim=2048 or smaller",
+    ):
+        new_traker(save_dir, proj_dim=4096, projector="sparse")
+
+    assert not save_dir.exists()
+    new_traker(save_dir, proj_dim=2048, projector="sparse")
+
+
+def test_train_features_beyond_the_free_disk_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(kerntrace.api, "_free_disk", lambda path: 1000)
+
+    with pytest.raises(
+        kt.ConfigurationError,
+        match=rf"proj_dim=16 is too large: the \({N_TRAIN}, k\) train features .* "
+        r"would need 2\.5 KiB, more than the free disk space .*use proj_dim=4 or "
+        r"smaller",
+    ):
+        new_traker(tmp_path)
+
+    assert not (tmp_path / "store.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [(0, "0 B"), (1000, "1000 B"), (3 * 2**10, "3.0 KiB"), (5 * 2**29, "2.5 GiB")],
+)
+def test_byte_counts_are_printed_in_a_readable_unit(size, text):
+    assert kerntrace.api._format_bytes(size) == text
 
 
 # -- S4: reopening with other settings ------------------------------------------

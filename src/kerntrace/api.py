@@ -9,8 +9,10 @@ the steps it depends on have run, and names the missing one if not.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -95,6 +97,82 @@ def _positive_int(value: Any, name: str) -> int:
     if value < 1:
         raise ConfigurationError(f"{name} must be a positive integer, got {value}")
     return int(value)
+
+
+def _physical_memory() -> int | None:
+    """The machine's physical memory in bytes; ``None`` where unknown."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _free_disk(path: Path) -> int | None:
+    """Free bytes on the file system that holds ``path`` or its nearest parent."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _format_bytes(size: float) -> str:
+    """``size`` bytes in the largest unit of B, KiB, MiB, GiB, TiB it reaches."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _check_sizes(k: int, n: int, itemsize: int, save_dir: Path) -> None:
+    """Refuse a proj_dim whose kernel or train features cannot fit.
+
+    The (k, k) float64 kernel must take at most half the physical memory;
+    the (n, k) train features of a new store at most the free disk space.
+
+    Raises:
+        ConfigurationError: Either would not fit; the message suggests a
+            proj_dim that does.
+    """
+    memory = _physical_memory()
+    disk = None if (save_dir / "store.json").exists() else _free_disk(save_dir)
+    limits = []
+    if memory is not None:
+        limits.append(
+            (
+                8 * k * k,
+                memory // 2,
+                "the (k, k) float64 kernel",
+                "half the physical memory",
+                math.isqrt(memory // 16),
+            )
+        )
+    if disk is not None:
+        limits.append(
+            (
+                n * k * itemsize,
+                disk,
+                f"the ({n}, k) train features of one checkpoint",
+                f"the free disk space at {str(save_dir)!r}",
+                disk // (n * itemsize),
+            )
+        )
+    for needed, limit, what, where, largest in limits:
+        if needed > limit:
+            fitting = min(largest for *_, largest in limits)
+            hint = (
+                f"use proj_dim={2 ** (fitting.bit_length() - 1)} or smaller"
+                if fitting >= 1
+                else "free disk space or memory"
+            )
+            raise ConfigurationError(
+                f"proj_dim={k} is too large: {what} would need "
+                f"{_format_bytes(needed)}, more than {where} "
+                f"({_format_bytes(limit)}); {hint}"
+            )
 
 
 def _model_id(value: Any) -> int:
@@ -393,6 +471,12 @@ class TRAKer:
                 kernel.IllConditionedWarning,
                 stacklevel=2,
             )
+        _check_sizes(
+            self.proj_dim,
+            self.train_set_size,
+            np.dtype(dtype).itemsize,
+            Path(save_dir),
+        )
         self.store = Store(
             save_dir,
             {
@@ -451,10 +535,10 @@ class TRAKer:
             chosen = "dense"
         logger.info(
             "projector 'auto' chose %r: %.0f%% of the parameters are in Linear, "
-            "Conv2d or Embedding layers, a dense matrix would take %.0f MiB",
+            "Conv2d or Embedding layers, a dense matrix would take %s",
             chosen,
             100 * share,
-            dense_bytes / 2**20,
+            _format_bytes(dense_bytes),
         )
         return chosen
 
