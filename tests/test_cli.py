@@ -313,3 +313,21 @@ def test_help_lists_the_audit_and_lds_commands():
     audit_help = run("audit", "--help", timeout=60).stdout
     for option in ("--out", "--fraction", "--checkpoints", "--proj-dim", "--quiet"):
         assert option in audit_help
+
+
+def test_ill_conditioned_warning_lives_in_errors_and_is_re_exported():
+    from kerntrace import errors, kernel
+
+    assert "IllConditionedWarning" in errors.__all__
+    assert kernel.IllConditionedWarning is errors.IllConditionedWarning
+    assert kerntrace.IllConditionedWarning is errors.IllConditionedWarning
+
+
+def test_readme_layout_lists_every_module():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```")[1]
+    package = Path(kerntrace.__file__).parent
+
+    for module in sorted(package.glob("*.py")):
+        if module.name != "__init__.py":
+            assert module.name in layout, module.name
