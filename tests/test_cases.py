@@ -132,6 +132,32 @@ def test_n4_huge_and_tiny_gradients_in_half_precision_rank_like_float32(
     assert rho > 0.99, rho
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_with_the_auto_projector_score_like_float32(
+    tmp_path, run_traker, dtype
+):
+    full_model = make_mlp(0)
+    model = make_mlp(0).to(dtype)
+    train, targets = make_data(40, seed=1), make_data(6, seed=2)
+    low = tuple(t.to(dtype) if t.is_floating_point() else t for t in train)
+    low_targets = tuple(t.to(dtype) if t.is_floating_point() else t for t in targets)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        half = run_traker(
+            model, [model.state_dict()], low, low_targets, tmp_path / "half",
+            proj_dim=32, projector="auto",
+        )  # fmt: skip
+    full = run_traker(
+        full_model, [full_model.state_dict()], train, targets, tmp_path / "full",
+        proj_dim=32, projector="auto",
+    )  # fmt: skip
+
+    assert np.isfinite(half).all()
+    rho = scipy.stats.spearmanr(half.ravel(), full.ravel()).statistic
+    assert rho > 0.95, rho
+
+
 def test_n4_features_beyond_float16_range_are_refused_before_anything_is_written(
     tmp_path,
 ):

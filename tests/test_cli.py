@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 import kerntrace
+import kerntrace.cli
+import kerntrace.demo
 from kerntrace import evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -126,6 +128,54 @@ def test_unknown_command_exits_with_usage_error():
 
     assert done.returncode == 2
     assert "invalid choice: 'frobnicate'" in done.stderr
+
+
+def test_every_demo_option_has_a_help_text():
+    help_text = kerntrace.cli.build_parser()._subparsers._group_actions[0].choices
+
+    for action in help_text["demo"]._actions:
+        assert action.help, action.option_strings
+
+
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [
+        (["--checkpoints", "0"], "argument --checkpoints: must be at least 1, got 0"),
+        (["--subsets", "1"], "argument --subsets: must be at least 2, got 1"),
+        (["--proj-dim", "x"], "argument --proj-dim: must be an integer, got 'x'"),
+    ],
+)
+def test_demo_refuses_too_small_counts_naming_the_flag(arguments, words):
+    done = run("demo", *arguments)
+
+    assert done.returncode == 2
+    assert words in done.stderr
+
+
+def test_an_os_error_prints_one_line_and_exits_1(tmp_path, capsys):
+    existing = tmp_path / "a-file"
+    existing.write_text("")
+
+    status = kerntrace.cli.main(["demo", "--quick", "--quiet", "--out", str(existing)])
+
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.startswith("kerntrace: error: ") and "Traceback" not in err
+    assert str(existing) in err
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch):
+    def interrupted(settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kerntrace.demo, "run_demo", interrupted)
+
+    status = kerntrace.cli.main(["demo", "--quiet", "--out", str(tmp_path)])
+
+    err = capsys.readouterr().err
+    assert status == 130
+    assert err.count("\n") == 1
+    assert "interrupted" in err and "rerun" in err
 
 
 # -- M6: public names ----------------------------------------------------------------
@@ -263,3 +313,21 @@ def test_help_lists_the_audit_and_lds_commands():
     audit_help = run("audit", "--help", timeout=60).stdout
     for option in ("--out", "--fraction", "--checkpoints", "--proj-dim", "--quiet"):
         assert option in audit_help
+
+
+def test_ill_conditioned_warning_lives_in_errors_and_is_re_exported():
+    from kerntrace import errors, kernel
+
+    assert "IllConditionedWarning" in errors.__all__
+    assert kernel.IllConditionedWarning is errors.IllConditionedWarning
+    assert kerntrace.IllConditionedWarning is errors.IllConditionedWarning
+
+
+def test_readme_layout_lists_every_module():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```")[1]
+    package = Path(kerntrace.__file__).parent
+
+    for module in sorted(package.glob("*.py")):
+        if module.name != "__init__.py":
+            assert module.name in layout, module.name

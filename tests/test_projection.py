@@ -14,6 +14,7 @@ from kerntrace.projection import (
     BLOCK_ROWS,
     DenseProjector,
     IdentityProjector,
+    SparseProjector,
     make_projector,
 )
 
@@ -306,3 +307,18 @@ def test_make_projector_kinds():
         make_projector("sketchy", 5, 3, seed=0, model_id=0)
     with pytest.raises(ConfigurationError, match="proj_dim must be at least 1"):
         DenseProjector(5, 0, seed=0, model_id=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparse_projection_of_half_precision_matches_float32(dtype):
+    projector = SparseProjector(3000, 32, seed=0, model_id=0)
+    grads = torch.randn(5, 3000, generator=torch.Generator().manual_seed(0))
+    low = grads.to(dtype)
+
+    rows = projector.project(low)
+    columns = projector.project_columns(low.T.contiguous())
+
+    expected = projector.project(low.float())
+    assert rows.dtype == columns.dtype == dtype
+    torch.testing.assert_close(rows.float(), expected, rtol=0.02, atol=0.05)
+    torch.testing.assert_close(columns.float(), expected, rtol=0.02, atol=0.05)

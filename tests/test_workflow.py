@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import kerntrace as kt
+import kerntrace.api
 from kerntrace.featurize import Featurizer
 
 N_TRAIN = 40
@@ -261,6 +262,100 @@ def test_finalize_features_twice_is_harmless(tmp_path, checkpoints, train, targe
     np.testing.assert_array_equal(np.array(traker.finalize_scores("val")), before)
 
 
+# -- damaged store files ---------------------------------------------------------
+
+
+def test_truncated_features_are_refused_and_never_extended(
+    tmp_path, checkpoints, train
+):
+    traker = new_traker(tmp_path)
+    featurize_all(traker, checkpoints[:1], train)
+    path = tmp_path / "models" / "0" / "features.npy"
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
+
+    reopened = new_traker(tmp_path)
+    featurize_all(reopened, checkpoints[:1], train)  # every row is marked done
+    with pytest.raises(
+        kt.StoreCorruptError,
+        match=r"features\.npy holds \d+ bytes but its header announces .*delete "
+        r"the folder",
+    ):
+        reopened.finalize_features()
+
+    assert path.stat().st_size == len(content) // 2
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_damaged_kernel_factor_is_refused_then_refactored_by_finalize(
+    tmp_path, checkpoints, train, targets, damage
+):
+    traker = new_traker(tmp_path)
+    featurize_all(traker, checkpoints[:1], train)
+    traker.finalize_features()
+    score_ids(traker, checkpoints, targets, [0])
+    before = np.array(traker.finalize_scores("val"))
+    cholesky = tmp_path / "models" / "0" / "cholesky.npy"
+    content = cholesky.read_bytes()
+    if damage == "missing":
+        cholesky.unlink()
+    else:
+        cholesky.write_bytes(content[: len(content) // 2])
+
+    reopened = new_traker(tmp_path)
+    with pytest.raises(
+        kt.StoreCorruptError, match=r"cholesky\.npy.*call finalize_features\(\)"
+    ):
+        reopened.finalize_scores("val")
+    reopened.finalize_features()
+
+    assert cholesky.read_bytes() == content
+    np.testing.assert_allclose(np.array(reopened.finalize_scores("val")), before)
+
+
+# -- sizes checked up front ------------------------------------------------------
+
+
+def test_a_kernel_beyond_half_the_memory_is_refused_before_the_store(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(kerntrace.api, "_physical_memory", lambda: 64 * 2**20)
+    save_dir = tmp_path / "store"
+
+    with pytest.raises(
+        kt.ConfigurationError,
+        match=r"proj_dim=4096 is too large: the \(k, k\) float64 kernel would "
+        r"need 128\.0 MiB, more than half the physical memory \(32\.0 MiB\); use "
+        r"proj_dim=2048 or smaller",
+    ):
+        new_traker(save_dir, proj_dim=4096, projector="sparse")
+
+    assert not save_dir.exists()
+    new_traker(save_dir, proj_dim=2048, projector="sparse")
+
+
+def test_train_features_beyond_the_free_disk_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(kerntrace.api, "_free_disk", lambda path: 1000)
+
+    with pytest.raises(
+        kt.ConfigurationError,
+        match=rf"proj_dim=16 is too large: the \({N_TRAIN}, k\) train features .* "
+        r"would need 2\.5 KiB, more than the free disk space .*use proj_dim=4 or "
+        r"smaller",
+    ):
+        new_traker(tmp_path)
+
+    assert not (tmp_path / "store.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [(0, "0 B"), (1000, "1000 B"), (3 * 2**10, "3.0 KiB"), (5 * 2**29, "2.5 GiB")],
+)
+def test_byte_counts_are_printed_in_a_readable_unit(size, text):
+    assert kerntrace.api._format_bytes(size) == text
+
+
 # -- S4: reopening with other settings ------------------------------------------
 
 
@@ -285,6 +380,38 @@ def test_reopening_with_other_settings_names_the_setting(tmp_path, setting, opti
         new_traker(tmp_path, **options)
 
     assert (tmp_path / "store.json").read_bytes() == recorded
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage"])
+def test_results_without_a_readable_store_json_are_refused(
+    tmp_path, checkpoints, train, damage
+):
+    traker = new_traker(tmp_path)
+    featurize_all(traker, checkpoints[:1], train)
+    settings = tmp_path / "store.json"
+    if damage == "missing":
+        settings.unlink()
+    else:
+        settings.write_text("{not json")
+    files = snapshot(tmp_path / "models")
+
+    with pytest.raises(
+        kt.StoreCorruptError,
+        match=r"settings .*made with are unknown.*delete the whole directory or "
+        r"use a new save_dir",
+    ):
+        new_traker(tmp_path, projector_seed=5)
+
+    assert snapshot(tmp_path / "models") == files
+    assert settings.exists() == (damage == "garbage")
+
+
+def test_an_empty_directory_without_store_json_is_a_new_store(tmp_path):
+    (tmp_path / "models").mkdir()
+
+    new_traker(tmp_path)
+
+    assert (tmp_path / "store.json").exists()
 
 
 def test_reopening_with_the_same_settings_is_accepted(tmp_path):

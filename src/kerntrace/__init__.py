@@ -12,6 +12,7 @@ from .errors import (
     BatchError,
     CheckpointFormatError,
     ConfigurationError,
+    IllConditionedWarning,
     KerntraceError,
     ModelModeError,
     NonFiniteGradientError,
@@ -23,7 +24,6 @@ from .errors import (
     StoreMismatchError,
     StoreWriteError,
 )
-from .kernel import IllConditionedWarning
 from .outputs import ClassificationTask, LossTask, RegressionTask, Task
 from .scoring import Audit, Ranking, Scores, TargetScores
 

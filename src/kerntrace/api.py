@@ -9,8 +9,10 @@ the steps it depends on have run, and names the missing one if not.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -33,6 +35,7 @@ from .errors import (
     NumericalError,
     OrderError,
     PrecisionWarning,
+    StoreCorruptError,
     StoreMismatchError,
 )
 from .factorized import FactorizedProjector, factorized_share
@@ -94,6 +97,82 @@ def _positive_int(value: Any, name: str) -> int:
     if value < 1:
         raise ConfigurationError(f"{name} must be a positive integer, got {value}")
     return int(value)
+
+
+def _physical_memory() -> int | None:
+    """The machine's physical memory in bytes; ``None`` where unknown."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _free_disk(path: Path) -> int | None:
+    """Free bytes on the file system that holds ``path`` or its nearest parent."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _format_bytes(size: float) -> str:
+    """``size`` bytes in the largest unit of B, KiB, MiB, GiB, TiB it reaches."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _check_sizes(k: int, n: int, itemsize: int, save_dir: Path) -> None:
+    """Refuse a proj_dim whose kernel or train features cannot fit.
+
+    The (k, k) float64 kernel must take at most half the physical memory;
+    the (n, k) train features of a new store at most the free disk space.
+
+    Raises:
+        ConfigurationError: Either would not fit; the message suggests a
+            proj_dim that does.
+    """
+    memory = _physical_memory()
+    disk = None if (save_dir / "store.json").exists() else _free_disk(save_dir)
+    limits = []
+    if memory is not None:
+        limits.append(
+            (
+                8 * k * k,
+                memory // 2,
+                "the (k, k) float64 kernel",
+                "half the physical memory",
+                math.isqrt(memory // 16),
+            )
+        )
+    if disk is not None:
+        limits.append(
+            (
+                n * k * itemsize,
+                disk,
+                f"the ({n}, k) train features of one checkpoint",
+                f"the free disk space at {str(save_dir)!r}",
+                disk // (n * itemsize),
+            )
+        )
+    for needed, limit, what, where, largest in limits:
+        if needed > limit:
+            fitting = min(largest for *_, largest in limits)
+            hint = (
+                f"use proj_dim={2 ** (fitting.bit_length() - 1)} or smaller"
+                if fitting >= 1
+                else "free disk space or memory"
+            )
+            raise ConfigurationError(
+                f"proj_dim={k} is too large: {what} would need "
+                f"{_format_bytes(needed)}, more than {where} "
+                f"({_format_bytes(limit)}); {hint}"
+            )
 
 
 def _model_id(value: Any) -> int:
@@ -392,6 +471,12 @@ class TRAKer:
                 kernel.IllConditionedWarning,
                 stacklevel=2,
             )
+        _check_sizes(
+            self.proj_dim,
+            self.train_set_size,
+            np.dtype(dtype).itemsize,
+            Path(save_dir),
+        )
         self.store = Store(
             save_dir,
             {
@@ -450,10 +535,10 @@ class TRAKer:
             chosen = "dense"
         logger.info(
             "projector 'auto' chose %r: %.0f%% of the parameters are in Linear, "
-            "Conv2d or Embedding layers, a dense matrix would take %.0f MiB",
+            "Conv2d or Embedding layers, a dense matrix would take %s",
             chosen,
             100 * share,
-            dense_bytes / 2**20,
+            _format_bytes(dense_bytes),
         )
         return chosen
 
@@ -680,6 +765,7 @@ class TRAKer:
             recorded is not None
             and recorded.get("lambda_reg") == self.lambda_reg
             and recorded.get("form") == self._kernel_form
+            and self._factor_readable(model_id)
         ):
             logger.info("model id %d: kernel already finalized, kept", model_id)
             return
@@ -755,7 +841,7 @@ class TRAKer:
             train = self.store.train_rows(model_id, writable=False)
             features.append(train.features)
             weights += train.weights
-            lowers.append(np.load(self.store.model_dir(model_id) / "cholesky.npy"))
+            lowers.append(self._factor(model_id))
             info = self.store.read(f"models/{model_id}/kernel.json")
             dampings[model_id] = info["damping"]
         values = self_scores(features, lowers, weights / len(wanted))
@@ -956,6 +1042,40 @@ class TRAKer:
             if self.store.read(f"models/{i}/kernel.json") is not None
         ]
 
+    def _factor(self, model_id: int) -> np.ndarray:
+        """The (k, k) float64 Cholesky factor of one checkpoint's kernel.
+
+        Raises:
+            StoreCorruptError: ``cholesky.npy`` is missing, cut off or of
+                another shape; ``finalize_features()`` writes it again.
+        """
+        path = self.store.model_dir(model_id) / "cholesky.npy"
+        k = self.store.k
+        try:
+            lower = np.load(path)
+        except (OSError, ValueError) as error:
+            problem = (
+                "is missing"
+                if isinstance(error, FileNotFoundError)
+                else (f"cannot be read ({error})")
+            )
+        else:
+            if lower.shape == (k, k) and lower.dtype == np.float64:
+                return lower
+            problem = f"holds shape {lower.shape} and dtype {lower.dtype}"
+        raise StoreCorruptError(
+            f"{path}, the kernel factor of model id {model_id}, {problem}; "
+            f"expected ({k}, {k}) float64; call finalize_features() again to "
+            "recompute it"
+        )
+
+    def _factor_readable(self, model_id: int) -> bool:
+        try:
+            self._factor(model_id)
+        except StoreCorruptError:
+            return False
+        return True
+
     def _targets_complete(self, exp_name: str, model_id: int, num: int) -> bool:
         if self.store.read(f"models/{model_id}/kernel.json") is None:
             return False
@@ -969,8 +1089,7 @@ class TRAKer:
         solved, features, dampings = [], [], {}
         weights = np.zeros(self.train_set_size, dtype=np.float64)
         for model_id in ids:
-            folder = self.store.model_dir(model_id)
-            lower = np.load(folder / "cholesky.npy")
+            lower = self._factor(model_id)
             targets = self.store.target_rows(
                 exp_name, model_id, num_targets, writable=False
             ).features

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +13,43 @@ import numpy as np
 __all__ = ["main", "build_parser"]
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than ``minimum``."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer, got {text!r}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return convert
+
+
 def _add_run_options(parser: argparse.ArgumentParser, out: str, quick: str) -> None:
     """The options the demo-like commands share."""
-    parser.add_argument("--out", type=Path, default=Path(out))
-    parser.add_argument("--checkpoints", type=int, default=5)
-    parser.add_argument("--proj-dim", type=int, default=2048)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(out),
+        help=f"directory for the store, models and report (default: {out})",
+    )
+    parser.add_argument(
+        "--checkpoints",
+        type=_at_least(1),
+        default=5,
+        help="independently trained models to ensemble (default: 5)",
+    )
+    parser.add_argument(
+        "--proj-dim",
+        type=_at_least(1),
+        default=2048,
+        help="k, the number of features per example (default: 2048)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help=f"a fast smoke run: {quick}"
     )
@@ -42,7 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(
         demo, "kerntrace-demo", "2 checkpoints, k=256, 6 subsets, short training"
     )
-    demo.add_argument("--subsets", type=int, default=50)
+    demo.add_argument(
+        "--subsets",
+        type=_at_least(2),
+        default=50,
+        help="random half-size train subsets retrained for the LDS (default: 50)",
+    )
     demo.add_argument("--no-lds", action="store_true", help="skip the LDS")
 
     audit = commands.add_parser(
@@ -179,6 +216,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KerntraceError as error:
         print(f"kerntrace: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        print(f"kerntrace: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "kerntrace: interrupted; rerun the same command to resume from the "
+            "results already saved",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The exceptions kerntrace raises, and its own warning.
+"""The exceptions kerntrace raises, and its own warnings.
 
 Each exception subclasses the built-in exception a caller would already
 catch, so ``except ValueError`` keeps working, and each message says what
@@ -21,6 +21,7 @@ __all__ = [
     "NumericalError",
     "ModelModeError",
     "PrecisionWarning",
+    "IllConditionedWarning",
 ]
 
 
@@ -78,3 +79,7 @@ class ModelModeError(KerntraceError, RuntimeError):
 
 class PrecisionWarning(UserWarning):
     """Stored features lost precision, e.g. to float16's limited range."""
+
+
+class IllConditionedWarning(UserWarning):
+    """The damped kernel is so ill-conditioned that scores are unreliable."""

@@ -247,6 +247,35 @@ def _create_array(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
         _fsync_dir(path.parent)
 
 
+def _check_length(path: Path) -> None:
+    """Refuse a ``.npy`` file shorter or longer than its header announces.
+
+    A writable memmap would silently extend a cut-off file with zeros, which
+    would then pass for finished rows.
+
+    Raises:
+        StoreCorruptError: The length differs from the header's shape.
+    """
+    try:
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+            expected = handle.tell() + int(np.prod(shape)) * dtype.itemsize
+    except (ValueError, EOFError):
+        return  # not .npy at all: np.load reports it below
+    actual = path.stat().st_size
+    if actual != expected:
+        raise StoreCorruptError(
+            f"{path} holds {actual} bytes but its header announces an array of "
+            f"shape {shape} and dtype {dtype}, {expected} bytes: the file was cut "
+            f"off or damaged; delete the folder {path.parent} and rerun the "
+            "step that wrote it (featurize or score)"
+        )
+
+
 def open_array(
     path: Path, shape: tuple[int, ...], dtype: np.dtype | str, *, writable: bool
 ) -> np.memmap:
@@ -263,6 +292,7 @@ def open_array(
         if not writable:
             raise FileNotFoundError(path)
         _create_array(path, shape, dtype)
+    _check_length(path)
     try:
         array = np.load(path, mmap_mode="r+" if writable else "r")
     except (OSError, ValueError) as error:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import NumericalError
+from .errors import IllConditionedWarning, NumericalError
 
 __all__ = [
     "gram",
@@ -42,10 +42,6 @@ WEIGHTED, PLAIN = "curvature-weighted", "plain"
 FALLBACK = "plain (curvature vanished)"
 """The forms of kernel, ΦᵀRΦ and ΦᵀΦ, recorded with each factor; a stored
 factor of another form than asked for is formed again."""
-
-
-class IllConditionedWarning(UserWarning):
-    """The damped kernel is so ill-conditioned that scores are unreliable."""
 
 
 def gram(

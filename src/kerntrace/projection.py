@@ -39,6 +39,15 @@ BLOCK_ROWS = 1024
 _SPARSE_SALT = 1
 SPARSE_NONZEROS = 4
 
+# Sparse CSR products on the CPU have no half-precision kernels; such inputs
+# are multiplied in float32 and the result is cast back.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a sparse product runs in for inputs of ``dtype``."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
 
 def block_seed(seed: int, model_id: int, block: int, *, salt: int = 0) -> int:
     """A 63-bit generator seed for one block of a projection matrix."""
@@ -249,8 +258,9 @@ class SparseProjector(Projector):
         stop = offset + grads.shape[1]
         _check_slice(offset, stop, self.grad_dim)
         if offset == 0 and stop == self.grad_dim:
-            transposed = self._sparse_transpose(grads.device, grads.dtype)
-            return torch.sparse.mm(transposed, grads.T).T
+            work = _work_dtype(grads.dtype)
+            transposed = self._sparse_transpose(grads.device, work)
+            return torch.sparse.mm(transposed, grads.T.to(work)).T.to(grads.dtype)
         buckets, weights = self._all(grads.device)
         buckets = buckets[offset:stop].reshape(-1)
         weights = weights[offset:stop].to(grads.dtype)
@@ -275,8 +285,9 @@ class SparseProjector(Projector):
                 f"columns hold {columns.shape[0]} gradient coordinates, the "
                 f"projector expects {self.grad_dim}"
             )
-        transposed = self._sparse_transpose(columns.device, columns.dtype)
-        return torch.sparse.mm(transposed, columns).T
+        work = _work_dtype(columns.dtype)
+        transposed = self._sparse_transpose(columns.device, work)
+        return torch.sparse.mm(transposed, columns.to(work)).T.to(columns.dtype)
 
 
 class IdentityProjector(Projector):

@@ -47,7 +47,12 @@ import numpy as np
 from filelock import FileLock
 
 from .claims import Claim, lock, process_start, remove_dead_temporaries
-from .errors import ConfigurationError, StoreBusyError, StoreMismatchError
+from .errors import (
+    ConfigurationError,
+    StoreBusyError,
+    StoreCorruptError,
+    StoreMismatchError,
+)
 from .files import (
     HOST,
     new_array,
@@ -265,6 +270,8 @@ class Store:
     Raises:
         StoreMismatchError: The directory holds results made with other
             settings; the message names each setting that differs.
+        StoreCorruptError: ``store.json`` is not valid JSON, or is missing
+            from a directory that holds results.
         StoreWriteError: The directory is new and cannot be created or
             written.
     """
@@ -282,11 +289,12 @@ class Store:
                 len(removed),
                 self.path,
             )
-        recorded = read_json(self.path / "store.json")
+        recorded = self._recorded_settings()
         if recorded is None:
             with lock(self.path / ".lock"):
-                recorded = read_json(self.path / "store.json")
+                recorded = self._recorded_settings()
                 if recorded is None:
+                    self._refuse_orphaned_results()
                     write_json(self.path / "store.json", self.settings)
                     logger.info("created store %s", self.path)
                     return
@@ -302,6 +310,33 @@ class Store:
                 "settings the store was made with"
             )
         logger.info("opened store %s", self.path)
+
+    def _recorded_settings(self) -> dict[str, Any] | None:
+        """The settings in ``store.json``; ``None`` if it is absent."""
+        try:
+            return read_json(self.path / "store.json")
+        except StoreCorruptError as error:
+            raise StoreCorruptError(
+                f"{self.path / 'store.json'} is not valid JSON, so the settings "
+                f"the results in {str(self.path)!r} were made with are unknown; "
+                "delete the whole directory or use a new save_dir (or restore "
+                "store.json from a backup)"
+            ) from error
+
+    def _refuse_orphaned_results(self) -> None:
+        """Refuse a directory with results but no ``store.json``."""
+        found = [
+            f"{name}/"
+            for name in ("models", "experiments")
+            if (self.path / name).is_dir() and any((self.path / name).iterdir())
+        ]
+        if found:
+            raise StoreCorruptError(
+                f"save_dir {str(self.path)!r} holds results ({', '.join(found)}) "
+                "but no store.json, so the settings they were made with are "
+                "unknown and cannot be checked against these; delete the whole "
+                "directory or use a new save_dir"
+            )
 
     @property
     def n(self) -> int:
