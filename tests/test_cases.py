@@ -1064,3 +1064,15 @@ def test_scores_views_refuse_a_bad_k_or_target():
         scores.target(1.0)
     with pytest.raises(IndexError, match="target 3 is out of range; there are 3"):
         scores[3]
+
+
+def test_a_shuffling_data_loader_is_refused_before_any_work(tmp_path):
+    model = nn.Linear(4, 3)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(12, 4), torch.randint(0, 3, (12,))
+    )
+    shuffled = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True)
+    ordered = torch.utils.data.DataLoader(data, batch_size=4)
+    with pytest.raises(kt.ConfigurationError, match="shuffle=True"):
+        kt.attribute(model, [model.state_dict()], shuffled, ordered, save_dir=tmp_path)
+    assert not (tmp_path / "models").exists()

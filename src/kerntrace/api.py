@@ -1262,6 +1262,13 @@ def _count(batches: Iterable[Any], what: str) -> int:
             "read only once, but it is read once per checkpoint; pass a list of "
             "batches or a DataLoader"
         )
+    sampler = getattr(batches, "sampler", None)
+    if isinstance(sampler, torch.utils.data.RandomSampler):
+        raise ConfigurationError(
+            f"{what} is a DataLoader with shuffle=True: its batches come in "
+            "another order each pass, so examples could not be told apart across "
+            "checkpoints; pass a DataLoader with shuffle=False"
+        )
     dataset = getattr(batches, "dataset", None)
     if dataset is not None and hasattr(dataset, "__len__"):
         return len(dataset)
