@@ -1076,3 +1076,22 @@ def test_a_shuffling_data_loader_is_refused_before_any_work(tmp_path):
     with pytest.raises(kt.ConfigurationError, match="shuffle=True"):
         kt.attribute(model, [model.state_dict()], shuffled, ordered, save_dir=tmp_path)
     assert not (tmp_path / "models").exists()
+
+
+def test_non_finite_stored_features_stop_finalize_scores_naming_them(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    train, targets = make_data(20, seed=1), make_data(4, seed=2)
+    traker = featurized(tmp_path, model, train)
+    good = scored(traker, model, targets)
+    assert np.isfinite(good).all()
+    features = np.load(tmp_path / "models" / "0" / "features.npy", mmap_mode="r+")
+    features[3, 0] = np.nan  # damaged on disk after finalization
+    features.flush()
+    del features
+    before = (tmp_path / "experiments" / "t" / "scores.npy").read_bytes()
+
+    with pytest.raises(kt.NumericalError, match="train features of model id 0"):
+        traker.finalize_scores("t")
+    after = (tmp_path / "experiments" / "t" / "scores.npy").read_bytes()
+    assert after == before  # the earlier scores are kept

@@ -1105,6 +1105,8 @@ class TRAKer:
         shape = (self.train_set_size, num_targets)
         with new_array(path, shape, "float32") as out:
             ensemble_scores(features, solved, weights, out=out)
+            if not np.isfinite(out).all():
+                raise NumericalError(_nonfinite_scores(ids, features, solved, weights))
         self.store.write(
             f"experiments/{exp_name}/scores.json",
             {"model_ids": ids, "damping": {str(k): v for k, v in dampings.items()}},
@@ -1117,6 +1119,28 @@ class TRAKer:
         )
         self.damping = dampings
         return np.load(path, mmap_mode="r")
+
+
+def _nonfinite_scores(
+    ids: list[int], features: list[np.ndarray], solved: list[np.ndarray], weights
+) -> str:
+    """Say which stored arrays made the scores non-finite."""
+    where = []
+    for model_id, train, target in zip(ids, features, solved, strict=True):
+        if not all(
+            np.isfinite(train[i : i + 4096]).all() for i in range(0, len(train), 4096)
+        ):
+            where.append(f"the train features of model id {model_id}")
+        if not np.isfinite(target).all():
+            where.append(f"the target features of model id {model_id}")
+    if not np.isfinite(weights).all():
+        where.append("the train loss weights")
+    found = ", ".join(where) if where else "the products overflowed float32"
+    return (
+        f"the scores hold NaN or infinity ({found}); nothing was written. "
+        "Featurize the named checkpoint again (or score its targets again) in a "
+        "new save_dir"
+    )
 
 
 # Phrases of torch's (and users' own) messages about a tensor's dtype or device.
