@@ -158,7 +158,8 @@ def choose_damping(kernel: np.ndarray, n: int) -> Damping:
         The damping chosen.
     """
     value = DAMPING_FRACTION * float(np.trace(kernel)) / max(1, n)
-    return Damping(value=value, rule=f"{DAMPING_FRACTION:g}·mean weighted squared norm")
+    rule = f"{DAMPING_FRACTION:g}·mean weighted squared norm"
+    return Damping(value=value, rule=rule)
 
 
 def factor(kernel: np.ndarray, damping: float, *, n: int) -> np.ndarray:

@@ -4,9 +4,9 @@ For checkpoints m = 1..M, the score of train example i for target j is
 
     τ[i, j] = (1/M) Σ_m Φ_m[i] · x_m[:, j]  ×  (1/M) Σ_m Q_m[i],
 
-where x_m = (Φ_mᵀR_mΦ_m + λ_m I)⁻¹ φ_m(targets)ᵀ has shape (k, T). This equals
-DESIGN's F_m[i] · φ_m(z') with F_m = Φ_m (Φ_mᵀR_mΦ_m + λ_m I)⁻¹, but solves on
-the T targets instead of the n train rows. Rows are processed in blocks, so
+where x_m = (Φ_mᵀR_mΦ_m + λ_m I)⁻¹ φ_m(targets)ᵀ has shape (k, T). This
+equals DESIGN's F_m[i] · φ_m(z') with F_m = Φ_m (Φ_mᵀR_mΦ_m + λ_m I)⁻¹, but
+solves on the T targets instead of the n train rows. Rows are processed in blocks, so
 peak memory is one block of features plus one block of scores.
 
 Self-influence is the score of a train example for itself as the target,
@@ -124,8 +124,8 @@ def self_scores(
 ) -> np.ndarray:
     """Self-influence τ(z_i, z_i) of every train example, blocked over rows.
 
-    For each checkpoint m the quadratic form φᵀ(Φ_mᵀR_mΦ_m + λ_m I)⁻¹φ equals
-    ‖L_m⁻¹ φ‖², so one triangular solve per block of rows gives it. Peak
+    For each checkpoint m the quadratic form φᵀ(Φ_mᵀR_mΦ_m + λ_m I)⁻¹φ
+    equals ‖L_m⁻¹ φ‖², so one triangular solve per block of rows gives it. Peak
     memory is one (block_rows, k) block and its solve, never n × n.
 
     Args:
