@@ -435,3 +435,61 @@ def test_factorized_scores_match_dense_scores_closely(
     )
     correlation = np.corrcoef(exact.ravel(), factorized.ravel())[0, 1]
     assert correlation > 0.97, correlation
+
+
+class ViewsConvOutput(nn.Module):
+    """Flattens a conv's output with ``view``, which channels-last refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.norm = nn.BatchNorm2d(3)
+        self.head = nn.Linear(3 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm(self.conv(x)))
+        return self.head(h.view(h.shape[0], -1))
+
+
+def test_channels_last_capture_equals_the_standard_format(
+    make_cnn, make_classification
+):
+    model = make_cnn(dtype=torch.float64)
+    images, labels = make_classification(6, (1, 6, 6), dtype=torch.float64)
+    layout = select_parameters(model)
+    layers = FactorizedProjector._find_layers(model, layout)
+    layers += factorized._find_norms(model, layout)
+    task = ClassificationTask()
+    standard = factorized.capture(model, task, (images, labels), layers, False)
+    channels_last = factorized.capture(model, task, (images, labels), layers, True)
+    conv_grads = [g for la, _, g in channels_last[0] if isinstance(la.module, nn.Conv2d)]
+    assert conv_grads and all(
+        g.is_contiguous(memory_format=torch.channels_last) for g in conv_grads
+    )
+    for (la, a, g), (lb, b, h) in zip(standard[0], channels_last[0], strict=True):
+        assert la is lb
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(g, h, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(standard[1], channels_last[1])
+    torch.testing.assert_close(standard[2], channels_last[2])
+
+
+def test_a_forward_refusing_channels_last_falls_back_and_stays_exact(
+    make_classification, loop_gradients, caplog
+):
+    torch.manual_seed(0)
+    model = ViewsConvOutput().double().eval()
+    with torch.no_grad():
+        model.norm.running_var.fill_(2.0)
+    images, labels = make_classification(6, (1, 6, 6), dtype=torch.float64)
+    layout = select_parameters(model)
+    gradients = CapturedGradients(model, ClassificationTask(), layout)
+    assert gradients._capture.channels_last
+    with caplog.at_level(logging.INFO, logger="kerntrace"):
+        first, _ = gradients.compute((images, labels))
+        second, _ = gradients.compute((images, labels))
+    assert not gradients._capture.channels_last
+    assert [r for r in caplog.records if "channels-last" in r.getMessage()]
+    exact = loop_gradients(model, images, labels)
+    torch.testing.assert_close(first, exact, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(second, exact, rtol=1e-10, atol=1e-12)

@@ -45,6 +45,7 @@ from .projection import (
 )
 
 __all__ = [
+    "Capture",
     "CapturedGradients",
     "FactorizedProjector",
     "FactorLayer",
@@ -313,6 +314,7 @@ class FactorizedProjector:
                 nonzeros=min(MIXING_NONZEROS, proj_dim),
             )
         self.grad_dim = layout.numel
+        self._capture: Capture | None = None
 
     def mix(self, columns: Tensor, rest: Tensor | None = None) -> Tensor:
         """Map the layer features of a batch to its (B, proj_dim) features.
@@ -412,7 +414,9 @@ class FactorizedProjector:
             is not included; ``mix`` adds it.
         """
         captured = [*self.layers, *self.norms]
-        calls, outputs, weights = capture(model, task, batch, captured)
+        if self._capture is None or self._capture.model is not model:
+            self._capture = Capture(model, task, captured)
+        calls, outputs, weights = self._capture(batch)
         rows = outputs.shape[0]
         columns = outputs.new_empty(sum(la.width for la in captured), rows)
         written: set[int] = set()
@@ -481,10 +485,69 @@ def _project_call(
         _put(target[:, columns], u.sum(-1).T, accumulate)
 
 
+class Capture:
+    """One batched forward and backward pass per batch, recording layer calls.
+
+    On the CPU the outputs of ``nn.Conv2d`` layers are handed on in the
+    channels-last memory format: the same values, but the BatchNorm, ReLU and
+    pooling that follow run several times faster on it (the small CNN of
+    ``benchmarks/speed.py`` spends about half its forward and backward time
+    less). A model whose forward cannot take such tensors (a ``view`` of a
+    conv's output, say) raises on the first batch; the batch is then run again
+    in the standard format, which is kept from then on.
+
+    Args:
+        model: The network.
+        task: The task.
+        layers: The layers and norms whose calls are recorded.
+    """
+
+    def __init__(
+        self, model: nn.Module, task: Task, layers: Sequence[FactorLayer | NormLayer]
+    ) -> None:
+        self.model, self.task, self.layers = model, task, layers
+        first = next(iter(model.parameters()), None)
+        on_cpu = first is None or first.device.type == "cpu"
+        has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        self.channels_last = on_cpu and has_conv
+        self._tried = False
+
+    def __call__(
+        self, batch: Any
+    ) -> tuple[list[tuple[FactorLayer | NormLayer, Tensor, Tensor]], Tensor, Tensor]:
+        """Run one batch; see ``capture`` for what comes back."""
+        if not self.channels_last or self._tried:
+            return capture(
+                self.model, self.task, batch, self.layers, self.channels_last
+            )
+        try:
+            result = capture(self.model, self.task, batch, self.layers, True)
+        except RuntimeError as error:
+            self.channels_last = False
+            logger.info(
+                "the model's forward failed on channels-last conv outputs (%s); "
+                "running it in the standard memory format",
+                str(error).splitlines()[0][:200] if str(error) else type(error),
+            )
+            result = capture(self.model, self.task, batch, self.layers, False)
+        self._tried = True
+        return result
+
+
 def capture(
-    model: nn.Module, task: Task, batch: Any, layers: Sequence[FactorLayer]
-) -> tuple[list[tuple[FactorLayer, Tensor, Tensor]], Tensor, Tensor]:
+    model: nn.Module,
+    task: Task,
+    batch: Any,
+    layers: Sequence[FactorLayer | NormLayer],
+    channels_last: bool = False,
+) -> tuple[list[tuple[FactorLayer | NormLayer, Tensor, Tensor]], Tensor, Tensor]:
     """One batched forward and backward pass, recording each layer call.
+
+    Args:
+        model, task, batch: The network, task and batch.
+        layers: The layers and norms whose calls are recorded.
+        channels_last: Hand on the outputs of ``nn.Conv2d`` layers in the
+            channels-last memory format (see ``Capture``).
 
     Returns:
         ``(calls, outputs, weights)``: for every call of a layer that the
@@ -499,6 +562,12 @@ def capture(
         layer.module.register_forward_hook(_recorder(records[i]))
         for i, layer in enumerate(layers)
     ]
+    if channels_last:
+        handles += [
+            module.register_forward_hook(_to_channels_last, prepend=True)
+            for module in model.modules()
+            if isinstance(module, nn.Conv2d)
+        ]
 
     run = _ReusedForward(model, {**params, **buffers})
     try:
@@ -602,11 +671,12 @@ class CapturedGradients:
         )
         first = next(iter(model.parameters()))
         self.device, self.dtype = first.device, first.dtype
+        self._capture = Capture(model, task, [*self.layers, *self.norms])
 
     def compute(self, batch: Any) -> tuple[Tensor, Tensor]:
         """Per-example gradients (B, p) in layout order and weights (B,)."""
         captured = [*self.layers, *self.norms]
-        calls, outputs, weights = capture(self.model, self.task, batch, captured)
+        calls, outputs, weights = self._capture(batch)
         rows = outputs.shape[0]
         grads = outputs.new_empty(rows, self.layout.numel)
         written: set[int] = set()
@@ -679,6 +749,12 @@ class CapturedGradients:
             _put(self._columns(grads, layer.bias), g.sum(dim=-1), accumulate)
 
 
+def _to_channels_last(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    if isinstance(output, Tensor) and output.dim() == 4:
+        return output.contiguous(memory_format=torch.channels_last)
+    return output
+
+
 def _recorder(store: list[tuple[Tensor, Tensor]]) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
         if output.requires_grad:
@@ -735,7 +811,8 @@ def _patches(module: nn.Conv2d, inputs: Tensor) -> Tensor:
     Read through a strided view of the padded input and copied once, which
     is several times faster on the CPU than ``nn.functional.unfold``.
     """
-    padded = nn.functional.pad(inputs, _conv_padding(module))
+    # The patches copy much faster from the standard (channels-first) layout.
+    padded = nn.functional.pad(inputs.contiguous(), _conv_padding(module))
     rows, channels, height, width = padded.shape
     (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
     out_h = (height - dh * (kh - 1) - 1) // sh + 1
