@@ -739,3 +739,79 @@ def test_scores_views_and_top_k_match_numpy(clean_scores):
     assert len(scores.top_k(0, 10 * N_TRAIN)[0].indices) == N_TRAIN
     with pytest.raises(IndexError, match=r"target 5 is out of range; there are 5"):
         scores[N_TARGETS]
+
+
+# -- Deferred flushes: a row's done flag waits for its flush -------------------
+
+
+def test_rows_are_marked_done_only_after_their_flush_at_most_a_second_later(
+    tmp_path, monkeypatch, checkpoints, train, targets, clean_scores
+):
+    monkeypatch.setattr(kerntrace.store, "TRAIN_FLUSH_SECONDS", 3600.0)
+    flushed: list[str] = []
+    original = np.memmap.flush
+
+    def recording(self):
+        flushed.append(Path(self.filename).name)
+        return original(self)
+
+    monkeypatch.setattr(np.memmap, "flush", recording)
+    done = tmp_path / "models" / "0" / "done.npy"
+    traker = new_traker(tmp_path)
+    traker.load_checkpoint(checkpoints[0], model_id=0)
+    for batch in batches(rows(train, 0, 30), 10):
+        traker.featurize(batch, num_samples=10)
+    # The first batch is flushed at once; the next two wait for the interval.
+    assert np.load(done).tolist() == [1] * 10 + [0] * 30
+    assert flushed == ["features.npy", "out_to_loss.npy"]
+    # Another process sees rows 10..29 as missing and would compute them again.
+    assert kerntrace.store.Store(tmp_path, traker.store.settings).rows_done(0) == 10
+
+    # The last missing row flushes everything at once, before any flag is set.
+    traker.featurize(rows(train, 30, 40), num_samples=10)
+    assert flushed[2:] == ["features.npy", "out_to_loss.npy", "done.npy"]
+    assert np.load(done).all()
+
+    # Switching checkpoints flushes what was written of the previous one.
+    traker.load_checkpoint(checkpoints[1], model_id=1)
+    traker.featurize(rows(train, 0, 10), num_samples=10)
+    traker.featurize(rows(train, 10, 20), num_samples=10)
+    traker.load_checkpoint(checkpoints[2], model_id=2)
+    assert np.load(tmp_path / "models" / "1" / "done.npy").sum() == 20
+
+    # The remaining rows come out exactly as without deferral.
+    traker.load_checkpoint(checkpoints[1], model_id=1)
+    for start in (20, 30):
+        traker.featurize(rows(train, start, start + 10), inds=range(start, start + 10))
+    traker.load_checkpoint(checkpoints[0], model_id=0)
+    traker.finalize_features(model_ids=[0, 1])
+    score_ids(traker, checkpoints, targets, [0, 1])
+    scores = np.array(traker.finalize_scores("val"))
+    np.testing.assert_allclose(scores, clean_scores, rtol=1e-5, atol=1e-8)
+
+
+def test_rows_awaiting_their_flush_are_marked_done_when_the_process_exits(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import kerntrace.store
+        import test_workflow as w
+        kerntrace.store.TRAIN_FLUSH_SECONDS = 3600.0
+        train = w.make_data(w.N_TRAIN, seed=10)
+        traker = w.new_traker({str(tmp_path)!r})
+        traker.load_checkpoint(w.make_checkpoint(1), model_id=0)
+        for start in (0, 10, 20):
+            traker.featurize(w.rows(train, start, start + 10), num_samples=10)
+        import numpy as np
+        done = np.load({str(tmp_path / "models" / "0" / "done.npy")!r})
+        print("before exit", int(done.sum()))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "before exit 10" in result.stdout
+    done = np.load(tmp_path / "models" / "0" / "done.npy")
+    assert done.tolist() == [1] * 30 + [0] * 10

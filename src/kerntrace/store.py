@@ -23,7 +23,10 @@ Arrays are ``.npy`` files opened as memmaps, readable with ``numpy.load``.
 Every file appears whole or not at all (see ``files``), and a failed write
 raises ``StoreWriteError``, keeping what the store held. A row's ``done``
 flag is set only after the row's features and weights are written and
-flushed, so a run killed at any moment resumes from its finished rows.
+flushed, so a run killed at any moment resumes from its finished rows. Train
+rows are flushed at most once per ``TRAIN_FLUSH_SECONDS`` (and when a
+writer's rows are complete or it is released), so a killed process loses
+at most that much work.
 
 Several processes may featurize one checkpoint, each its own rows: each
 claims its rows first (see ``claims``), and an overlap with a live
@@ -34,11 +37,14 @@ which ``gather`` merges once written, so no two processes write one file.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import math
 import os
 import re
 import shutil
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +104,15 @@ def format_rows(rows: np.ndarray, *, limit: int = 6) -> str:
     return ", ".join(text) + more
 
 
+# Train rows are flushed to disk at most once per this many seconds (and
+# whenever the last missing row, or the writer's whole range, is written):
+# each flush is an msync of the features and the weights, 1-2 ms on this
+# project's machines, as much as a whole batch's per-example work on a small
+# model. Rows written since the last flush are not marked done yet, so a
+# process killed in between computes at most this much work again.
+TRAIN_FLUSH_SECONDS = 1.0
+
+
 @dataclass
 class RowArrays:
     """Arrays written row by row, with a per-row progress flag.
@@ -113,12 +128,24 @@ class RowArrays:
     done: np.ndarray
     weights: np.ndarray | None = None
     _remaining: int | None = field(default=None, init=False, repr=False)
+    _unflagged: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
+    _flushed_at: float = field(default=-math.inf, init=False, repr=False)
 
-    def write(self, rows: np.ndarray, features: np.ndarray, weights=None) -> None:
-        """Write rows, flush them to disk, then mark them done.
+    def write(
+        self,
+        rows: np.ndarray,
+        features: np.ndarray,
+        weights: np.ndarray | None = None,
+        *,
+        within: float = 0.0,
+    ) -> None:
+        """Write rows, then flush them and mark them done, now or later.
 
         The flags are set only once the rows they mark are on disk, so no
         crash, even of the machine, leaves a row marked done but unwritten.
+        With ``within`` > 0 the flush waits for a later ``write`` that comes
+        at least ``within`` seconds after the previous flush, or for
+        ``sync``; it happens at once when no row is missing any more.
         The flags are flushed when the last missing row is written; before
         that a killed process leaves them in the page cache, where the next
         reader finds them and from where the system writes them out. Only a
@@ -129,23 +156,40 @@ class RowArrays:
             StoreWriteError: The rows cannot be flushed to disk; they stay
                 marked as not done.
         """
+        rows = np.asarray(rows)
         self.features[rows] = features
         if self.weights is not None:
             self.weights[rows] = weights
+        if self._remaining is None:
+            self._remaining = int(np.count_nonzero(self.done == 0))
+        self._remaining -= int(np.count_nonzero(self.done[rows] == 0))
+        self._unflagged.append(rows)
+        due = time.monotonic() - self._flushed_at >= within
+        if due or self._remaining <= 0:
+            self.sync()
+
+    def sync(self) -> None:
+        """Flush the rows written so far and mark them done.
+
+        Raises:
+            StoreWriteError: The rows cannot be flushed; they stay not done.
+        """
+        if not self._unflagged:
+            return
         for array in (self.features, self.weights):
             if isinstance(array, np.memmap):
                 with writing(Path(array.filename)):
                     array.flush()
-        if self._remaining is None:
-            self._remaining = int(np.count_nonzero(self.done == 0))
-        self._remaining -= int(np.count_nonzero(self.done[rows] == 0))
+        self._flushed_at = time.monotonic()
+        rows, self._unflagged = np.concatenate(self._unflagged), []
         self.done[rows] = 1
         if self._remaining <= 0 and isinstance(self.done, np.memmap):
             with writing(Path(self.done.filename)):
                 self.done.flush()
 
     def missing(self) -> np.ndarray:
-        """Indices of the rows not yet written."""
+        """Indices of the rows not yet written (flushing pending ones first)."""
+        self.sync()
         return np.flatnonzero(self.done == 0)
 
 
@@ -166,6 +210,15 @@ class TrainWriter:
         self.arrays: RowArrays | None = None
         self._done = done
         self._claim: Path | None = None
+        _LIVE_WRITERS.add(self)
+
+    def __del__(self) -> None:
+        # A writer dropped without release still marks the rows it flushes;
+        # if that fails they are left not done and computed again.
+        try:
+            self.sync()
+        except Exception:  # noqa: BLE001 - nothing can be raised from here
+            pass
 
     def pending(self, rows: np.ndarray) -> np.ndarray:
         """Positions in ``rows`` of the rows this writer still has to write."""
@@ -221,19 +274,46 @@ class TrainWriter:
         if self._claim is None:
             self.claim()
         local = rows - self.start
-        self.arrays.write(local, features, weights)
+        self.arrays.write(local, features, weights, within=TRAIN_FLUSH_SECONDS)
         self._done[local] = True
         if self._done.all():
             self.release()
 
+    def sync(self) -> None:
+        """Flush the rows written so far and mark them done (see ``RowArrays``)."""
+        if self.arrays is not None:
+            self.arrays.sync()
+
     def release(self) -> None:
-        """Give up the claim; other processes may then write these rows."""
+        """Flush the rows written, then give up the claim.
+
+        Other processes may then write the rows still missing.
+        """
+        self.sync()
         if self._claim is not None:
             claim = Claim.read(self._claim)
             if claim is not None and claim.mine():
                 unlink_quietly(self._claim)
         self._claim = None
         self.arrays = None
+
+
+_LIVE_WRITERS: weakref.WeakSet[TrainWriter] = weakref.WeakSet()
+
+
+@atexit.register
+def _sync_live_writers() -> None:
+    """At interpreter exit, flush and mark the rows of writers still open."""
+    for writer in list(_LIVE_WRITERS):
+        try:
+            writer.sync()
+        except Exception as error:  # noqa: BLE001 - exiting; report, go on
+            logger.warning(
+                "rows of model id %d could not be flushed at exit (%s); they "
+                "will be computed again",
+                writer.model_id,
+                error,
+            )
 
 
 def _difference(key: str, stored: Any, given: Any) -> str:
