@@ -20,8 +20,12 @@ changes that), so that its peak RSS (``ru_maxrss`` read at the end of the
 child) is its own. The first batch is excluded from the throughput: it is
 reported, together with the tool's construction and checkpoint loading, as
 a one-time cost.
-A configuration whose timed batches pass ``--budget`` seconds stops there,
-once at least 300 examples are timed, and says how many it timed.
+Configurations run in ``--rounds`` interleaved rounds (default 3): every
+round runs each configuration once, with its share of ``--budget`` seconds,
+in alternating order, and a configuration's rates pool the batches of all
+its rounds, so that a slow spell of a shared machine does not fall on one
+tool alone. A child whose timed batches pass its share stops there, once at
+least 300 examples are timed; the tables say how many were timed.
 
 The models keep their seeded random initialization: featurization speed
 does not depend on training. The inputs are real digits
@@ -50,7 +54,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +313,7 @@ def _time_batches(
         "growth": statistics.mean(in_order[-third:])
         / statistics.mean(in_order[:third]),
         "batch_s": seconds,
+        "per_example_s": in_order,
         "batches": len(seconds),
         "cpu_per_wall": (time.process_time() - cpu_start) / wall,
     }
@@ -354,6 +359,50 @@ def run_child(config: Config) -> dict[str, Any]:
 
 
 # -- the parent: run every configuration, write the tables ---------------
+
+
+def merge_rounds(children: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's result from its children of several rounds.
+
+    The per-example times of every child's timed batches are pooled, so the
+    median and best rates are over all rounds; counts add up, peak RSS is
+    the largest, one-time costs and loads are the median and the largest.
+    A child that failed makes the whole configuration fail.
+    """
+    failed = [c for c in children if "error" in c]
+    if failed:
+        return failed[0]
+    if len(children) == 1:
+        return {**children[0], "rounds": 1}
+    pooled = sorted(t for c in children for t in c["per_example_s"])
+    timed_rows = sum(c["timed_examples"] for c in children)
+    timed_seconds = sum(c["timed_s"] for c in children)
+    merged = dict(children[0])
+    sources = list(dict.fromkeys(c["source"] for c in children))
+    merged.update(
+        rounds=len(children),
+        budget=sum(c["budget"] for c in children),
+        rate=1.0 / statistics.median(pooled),
+        rate_best=1.0 / pooled[0],
+        rate_mean=timed_rows / timed_seconds if timed_seconds > 0 else 0.0,
+        rate_rounds=[c["rate"] for c in children],
+        timed_examples=timed_rows,
+        timed_s=timed_seconds,
+        batches=sum(c["batches"] for c in children),
+        batch_s=[t for c in children for t in c["batch_s"]],
+        per_example_s=[t for c in children for t in c["per_example_s"]],
+        growth=statistics.mean(c["growth"] for c in children),
+        cpu_per_wall=statistics.mean(c["cpu_per_wall"] for c in children),
+        one_time_s=statistics.median(c["one_time_s"] for c in children),
+        setup_s=statistics.median(c["setup_s"] for c in children),
+        first_batch_s=statistics.median(c["first_batch_s"] for c in children),
+        peak_rss_mib=max(c["peak_rss_mib"] for c in children),
+        base_rss_mib=statistics.median(c["base_rss_mib"] for c in children),
+        load_before=max(c["load_before"] for c in children),
+        load_after=max(c["load_after"] for c in children),
+        source=sources[0] if len(sources) == 1 else "+".join(sources),
+    )
+    return merged
 
 
 def _spawn(config: Config, timeout: float) -> dict[str, Any]:
@@ -606,6 +655,15 @@ def _source_note(results: list[dict]) -> str:
     )
 
 
+def _rounds(results: list[dict]) -> int:
+    return max((r.get("rounds", 1) for r in results if _ok(r)), default=1)
+
+
+def _share(results: list[dict]) -> float:
+    ok = [r for r in results if _ok(r)]
+    return ok[0]["budget"] / ok[0].get("rounds", 1) if ok else 0.0
+
+
 def render(
     results: list[dict], machine: dict, command: str, wall: float, quick: bool
 ) -> str:
@@ -619,7 +677,7 @@ def render(
         {
             f"{r['model']} {r['tool']} k={r['k']}"
             for r in results
-            if _ok(r) and r["timed_examples"] < r["n"] - BATCH
+            if _ok(r) and r["timed_examples"] < r.get("rounds", 1) * (r["n"] - BATCH)
         }
     )
     lines = [
@@ -659,10 +717,13 @@ def render(
         "its `BasicProjector` (Gaussian, regenerated block by block for every "
         "batch). kerntrace rows are the full `TRAKer.featurize`, store writes "
         "included.",
-        f"- A configuration stops once its timed batches pass "
-        f"{results[0]['budget'] if results else 0:.0f} s and at least "
-        f"{MIN_TIMED} examples are timed; the `timed examples` column says "
-        "how many were timed"
+        f"- Each configuration ran in {_rounds(results)} interleaved "
+        "round(s) (every configuration once per round, in alternating order, "
+        "so that a slow spell of the shared machine falls on all of them); "
+        "the rates pool the batches of all rounds. In each round a child stops "
+        "once its timed batches pass "
+        f"{_share(results):.1f} s and at least {MIN_TIMED} examples are timed; "
+        "the `timed examples` column says how many were timed in all"
         + (f" (cut short: {', '.join(cut)})." if cut else " (none was cut)."),
         "",
         _source_note(results),
@@ -723,6 +784,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default=THREADS,
         help=f"intra-op threads of every child (default {THREADS})",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds; each configuration's budget is split "
+        "among them (default 3, quick 1)",
+    )
     parser.add_argument("--results", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="raw results")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -731,6 +799,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         args.budget = 5.0 if args.quick else 45.0
     if args.quick and args.examples is None:
         args.examples = 400
+    if args.quick and "--rounds" not in (argv if argv is not None else sys.argv):
+        args.rounds = 1
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.results is None and not args.quick:
         args.results = RESULTS
     return args
@@ -746,13 +818,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     command = " ".join([".venv/bin/python benchmarks/speed.py", *sys.argv[1:]])
     started = time.perf_counter()
-    results = []
     configs = _configs(args)
-    logger.info("%d configurations, budget %.0f s each", len(configs), args.budget)
-    for config in configs:
-        result = _spawn(config, timeout=4 * args.budget + 600)
-        logger.info("%s", _describe(result))
-        results.append(result)
+    logger.info(
+        "%d configurations, budget %.0f s each in %d interleaved rounds",
+        len(configs),
+        args.budget,
+        args.rounds,
+    )
+    # Every round runs every configuration once, with a share of its budget,
+    # in alternating order, so that a slow spell of the machine falls on all
+    # of them alike instead of on whichever ran then.
+    share = [replace(c, budget=c.budget / args.rounds) for c in configs]
+    children: list[list[dict[str, Any]]] = [[] for _ in configs]
+    for round_index in range(args.rounds):
+        order = list(range(len(configs)))
+        if round_index % 2:
+            order.reverse()
+        for i in order:
+            result = _spawn(share[i], timeout=4 * share[i].budget + 600)
+            logger.info("round %d: %s", round_index + 1, _describe(result))
+            children[i].append(result)
+    results = [merge_rounds(c) for c in children]
     wall = time.perf_counter() - started
     logger.info("all done in %.1f min", wall / 60)
     if args.json is not None:

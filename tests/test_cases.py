@@ -521,6 +521,7 @@ def test_m3_inputs_the_model_cannot_take_raise_an_error_naming_device_and_dtype(
     traker.load_checkpoint(model.state_dict(), model_id=0)
     x, y = make_data(8, seed=1)
     traker.featurize((x[:4], y[:4]), inds=range(4))
+    traker.flush()
     images = torch.randint(0, 255, (4, 6), dtype=torch.uint8)  # not cast: integer
     before = snapshot(tmp_path)
 
@@ -761,6 +762,7 @@ def test_inds_as_a_list_range_array_or_tensor_are_accepted(tmp_path, inds):
     traker.load_checkpoint(make_mlp().state_dict(), model_id=0)
 
     traker.featurize(make_data(4, seed=1), inds=inds)
+    traker.flush()
 
     done = np.load(tmp_path / "models" / "0" / "done.npy")
     assert np.flatnonzero(done).tolist() == [0, 1, 2, 3]
@@ -807,6 +809,7 @@ def test_malformed_batches_are_refused_naming_the_item_and_nothing_is_written(
     else:
         traker.load_checkpoint(model.state_dict(), model_id=1)
         traker.featurize(make_data(4, seed=2), inds=[4, 5, 6, 7])
+        traker.flush()
     before = snapshot(tmp_path)
 
     with pytest.raises(kt.BatchError, match=message):

@@ -462,7 +462,8 @@ def test_channels_last_capture_equals_the_standard_format(
     task = ClassificationTask()
     standard = factorized.capture(model, task, (images, labels), layers, False)
     channels_last = factorized.capture(model, task, (images, labels), layers, True)
-    conv_grads = [g for la, _, g in channels_last[0] if isinstance(la.module, nn.Conv2d)]
+    calls = channels_last[0]
+    conv_grads = [g for la, _, g in calls if isinstance(la.module, nn.Conv2d)]
     assert conv_grads and all(
         g.is_contiguous(memory_format=torch.channels_last) for g in conv_grads
     )

@@ -119,9 +119,7 @@ def test_any_subset_in_any_order_and_batch_split_gives_the_in_order_features(
         traker, _ = _traker(Path(folder), projector)
         for rows in batches:
             traker.featurize((X[rows], Y[rows]), inds=_as(kind, rows))
-        # Rows written within the last second wait for their flush to be
-        # marked done (kerntrace.store.TRAIN_FLUSH_SECONDS); flush them now.
-        traker._writer.sync()
+        traker.flush()
         stored = Path(folder) / "models" / "0"
         done = np.load(stored / "done.npy")
         got = np.load(stored / "features.npy")

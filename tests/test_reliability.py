@@ -51,6 +51,7 @@ def test_n7_non_finite_gradient_names_the_example_and_keeps_finished_rows(
     )
     traker.load_checkpoint(model.state_dict(), model_id=0)
     traker.featurize((x[:4], y[:4]), inds=range(4))
+    traker.flush()
     before = np.load(tmp_path / "models/0/features.npy")[:4].copy()
 
     with pytest.raises(kt.NonFiniteGradientError, match="example 7"):

@@ -423,9 +423,8 @@ def test_reopening_with_the_same_settings_is_accepted(tmp_path):
 # -- S5: overlapping featurize batches -------------------------------------------
 
 
-def test_overlapping_batch_after_a_crash_computes_only_new_rows(
-    tmp_path, monkeypatch, checkpoints, train, targets, clean_scores
-):
+def count_featurized(monkeypatch) -> list[list[int]]:
+    """The rows of every batch the featurizer computes from now on."""
     seen: list[list[int]] = []
     original = Featurizer.__call__
 
@@ -434,16 +433,23 @@ def test_overlapping_batch_after_a_crash_computes_only_new_rows(
         return original(self, batch, rows)
 
     monkeypatch.setattr(Featurizer, "__call__", counting)
+    return seen
+
+
+def test_overlapping_batch_after_a_crash_computes_only_new_rows(
+    tmp_path, monkeypatch, checkpoints, train, targets, clean_scores
+):
+    seen = count_featurized(monkeypatch)
     folder = tmp_path / "models" / "0"
 
     crashed = new_traker(tmp_path)
     crashed.load_checkpoint(checkpoints[0], model_id=0)
     crashed.featurize(rows(train, 0, 20), inds=np.arange(0, 20))
     assert seen == [list(range(0, 20))]
+    del crashed  # its writer flushes the rows it was handed
     assert np.load(folder / "done.npy").tolist() == [1] * 20 + [0] * 20
     features = np.load(folder / "features.npy")[:20].tobytes()
     weights = np.load(folder / "out_to_loss.npy")[:20].tobytes()
-    del crashed
 
     seen.clear()
     resumed = new_traker(tmp_path)
@@ -552,6 +558,7 @@ def test_malformed_train_batch_is_refused_and_nothing_written(
 
     assert snapshot(tmp_path) == before
     traker.featurize(rows(train, 0, 4), num_samples=4)
+    traker.flush()
     done = np.load(tmp_path / "models" / "0" / "done.npy")
     assert done.tolist() == [1] * 4 + [0] * (N_TRAIN - 4)
 
@@ -815,3 +822,34 @@ def test_rows_awaiting_their_flush_are_marked_done_when_the_process_exits(tmp_pa
     assert "before exit 10" in result.stdout
     done = np.load(tmp_path / "models" / "0" / "done.npy")
     assert done.tolist() == [1] * 30 + [0] * 10
+
+
+def test_a_failed_background_write_is_raised_by_the_next_call_and_its_rows_redone(
+    tmp_path, monkeypatch, checkpoints, train, targets, clean_scores
+):
+    original = np.memmap.flush
+    failures = [OSError(28, "No space left on device")]
+
+    def failing(self):
+        if failures and Path(self.filename).name == "features.npy":
+            raise failures.pop()
+        return original(self)
+
+    monkeypatch.setattr(np.memmap, "flush", failing)
+    traker = new_traker(tmp_path)
+    traker.load_checkpoint(checkpoints[0], model_id=0)
+    traker.featurize(rows(train, 0, 10), num_samples=10)  # fails in the background
+    with pytest.raises(kt.StoreWriteError, match="features.npy") as error:
+        traker.featurize(rows(train, 10, 20), num_samples=10)
+    assert error.value.errno == 28
+    assert not np.load(tmp_path / "models" / "0" / "done.npy").any()
+
+    seen = count_featurized(monkeypatch)
+    traker.featurize(train, inds=range(N_TRAIN))
+    assert seen == [list(range(N_TRAIN))], "the failed rows were not computed again"
+    traker.load_checkpoint(checkpoints[1], model_id=1)
+    traker.featurize(train, num_samples=N_TRAIN)
+    traker.finalize_features()
+    score_ids(traker, checkpoints, targets, [0, 1])
+    scores = np.array(traker.finalize_scores("val"))
+    np.testing.assert_allclose(scores, clean_scores, rtol=1e-5, atol=1e-8)

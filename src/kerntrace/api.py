@@ -652,7 +652,10 @@ class TRAKer:
 
         Rows already in the store are skipped, so rerunning a loop after a
         crash only computes what is missing; so are rows outside this
-        process's shard (see ``rank`` and ``world_size``).
+        process's shard (see ``rank`` and ``world_size``). The rows are
+        written to the store in the background while the next batch is
+        computed (see ``flush``); a process killed meanwhile computes them
+        again.
 
         Args:
             batch: Tuple, list or dict of tensors, first dimension B.
@@ -667,6 +670,8 @@ class TRAKer:
                 dtype or device.
             NonFiniteGradientError: An example's gradient is NaN or infinite.
             NumericalError: Features overflow float16 storage.
+            StoreWriteError: The previous batch's rows could not be written
+                (they stay missing), or this batch's cannot be.
         """
         if self._featurizer is None or self._writer is None:
             raise OrderError(
@@ -685,6 +690,22 @@ class TRAKer:
             self._writer.write(rows[todo], features, weights.numpy())
         if num_samples is not None:
             self._cursor += count
+
+    def flush(self) -> None:
+        """Write the train rows featurized so far to disk and mark them done.
+
+        ``featurize`` returns while its rows are still being copied to the
+        store and flushed in the background (at most once a second), so that
+        this overlaps with the next batch. ``load_checkpoint``,
+        ``start_scoring_checkpoint``, ``finalize_features`` and the end of
+        the process flush too; call this to read the store's files while the
+        TRAKer is still featurizing.
+
+        Raises:
+            StoreWriteError: The rows cannot be written; they stay missing.
+        """
+        if self._writer is not None:
+            self._writer.sync()
 
     def _release(self) -> None:
         """Let other processes claim this one's rows; ``featurize`` reclaims them."""

@@ -45,6 +45,7 @@ import re
 import shutil
 import time
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,12 @@ class TrainWriter:
     and rows already written, by this or any earlier writer. The claim is
     released once every row of the range is written, or by ``release``; a
     later ``write`` claims the rows again.
+
+    A ``write`` hands the rows to a background thread and returns: copying
+    them into the memory-mapped files and flushing them then overlaps with
+    the computation of the next batch. The next ``write``, ``sync`` or
+    ``release`` waits for it first and raises its error, if any; the rows of
+    a failed write stay missing.
     """
 
     def __init__(
@@ -210,6 +217,7 @@ class TrainWriter:
         self.arrays: RowArrays | None = None
         self._done = done
         self._claim: Path | None = None
+        self._inflight: tuple[np.ndarray, Future[None]] | None = None
         _LIVE_WRITERS.add(self)
 
     def __del__(self) -> None:
@@ -273,14 +281,34 @@ class TrainWriter:
         """Write rows that ``pending`` gave; release the claim when all are."""
         if self._claim is None:
             self.claim()
+        self.wait()
         local = rows - self.start
-        self.arrays.write(local, features, weights, within=TRAIN_FLUSH_SECONDS)
+        job = _background().submit(
+            self.arrays.write, local, features, weights, within=TRAIN_FLUSH_SECONDS
+        )
+        self._inflight = (local, job)
         self._done[local] = True
         if self._done.all():
             self.release()
 
+    def wait(self) -> None:
+        """Wait for the write in the background, if any.
+
+        Raises:
+            StoreWriteError: It failed; its rows are again to be written.
+        """
+        if self._inflight is None:
+            return
+        (local, job), self._inflight = self._inflight, None
+        try:
+            job.result()
+        except BaseException:
+            self._done[local] = False
+            raise
+
     def sync(self) -> None:
         """Flush the rows written so far and mark them done (see ``RowArrays``)."""
+        self.wait()
         if self.arrays is not None:
             self.arrays.sync()
 
@@ -299,6 +327,17 @@ class TrainWriter:
 
 
 _LIVE_WRITERS: weakref.WeakSet[TrainWriter] = weakref.WeakSet()
+_BACKGROUND: ThreadPoolExecutor | None = None
+_BACKGROUND_PID: int | None = None
+
+
+def _background() -> ThreadPoolExecutor:
+    """The one thread that copies and flushes train rows (a new one after fork)."""
+    global _BACKGROUND, _BACKGROUND_PID
+    if _BACKGROUND is None or _BACKGROUND_PID != os.getpid():
+        _BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="kerntrace-rows")
+        _BACKGROUND_PID = os.getpid()
+    return _BACKGROUND
 
 
 @atexit.register
