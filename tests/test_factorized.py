@@ -68,6 +68,23 @@ class VariedConvs(nn.Module):
         return self.head(h.flatten(1))
 
 
+class WideConvs(nn.Module):
+    """Convs with 4 and 6 input channels, which take the grouped-backward path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(1, 4, 3, padding=1)
+        self.second = nn.Conv2d(
+            4, 6, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2)
+        )
+        self.third = nn.Conv2d(6, 5, 3, padding="same", bias=False)
+        self.head = nn.Linear(5 * 4 * 10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.second(torch.relu(self.first(x))))
+        return self.head(torch.tanh(self.third(h)).flatten(1))
+
+
 class OverPositions(nn.Module):
     """A Linear layer applied at every position of a (B, T, d) sequence."""
 
@@ -85,6 +102,7 @@ def _models(make_mlp, make_cnn, make_shared_linear, make_classification):
     images, labels = make_classification(6, (1, 6, 6), dtype=torch.float64)
     varied, _ = make_classification(6, (2, 9, 8), dtype=torch.float64)
     sequences, _ = make_classification(6, (3, 4), dtype=torch.float64)
+    small, _ = make_classification(6, (1, 8, 8), dtype=torch.float64)
     generator = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 13, (6, 4), generator=generator)
     tokens[:, -1] = 0
@@ -96,10 +114,11 @@ def _models(make_mlp, make_cnn, make_shared_linear, make_classification):
         "embedding": (EmbeddingBag().double(), (tokens, y)),
         "convs": (VariedConvs().double(), (varied, y)),
         "positions": (OverPositions().double(), (sequences, y)),
+        "wide": (WideConvs().double(), (small, y)),
     }
 
 
-MODELS = ["mlp", "cnn", "shared", "embedding", "convs", "positions"]
+MODELS = ["mlp", "cnn", "shared", "embedding", "convs", "positions", "wide"]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -494,3 +513,30 @@ def test_a_forward_refusing_channels_last_falls_back_and_stays_exact(
     exact = loop_gradients(model, images, labels)
     torch.testing.assert_close(first, exact, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(second, exact, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("projected", [False, True])
+def test_grouped_conv_backward_equals_patches_and_a_batched_product(
+    monkeypatch, projected
+):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2))
+    inputs = torch.randn(4, 6, 9, 8, dtype=torch.float64)
+    grad_out = torch.randn(4, 5, *conv.double()(inputs).shape[2:], dtype=torch.float64)
+    k_out = 3 if projected else 5
+    layer = factorized.FactorLayer(
+        "conv", conv, "weight", "bias", 6 * 3 * 2 + 1, 5, 0, 0
+    )
+    layer.k_in, layer.k_out = layer.n_in, k_out
+    if projected:
+        layer.p_out = torch.randn(5, k_out)
+    results = []
+    for channels in (factorized.GROUPED_CHANNELS, range(0)):
+        monkeypatch.setattr(factorized, "GROUPED_CHANNELS", channels)
+        for accumulate in (False, True):
+            target = torch.ones(k_out, layer.k_in, 4, dtype=torch.float64)
+            factorized._project_call(layer, inputs, grad_out, target, accumulate)
+            results.append(target)
+    torch.testing.assert_close(results[0], results[2], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[1], results[3], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[1], results[0] + 1)

@@ -471,6 +471,9 @@ def _project_call(
     dtype, device = grad_out.dtype, grad_out.device
     p_in = None if layer.p_in is None else layer.p_in.to(device, dtype)
     p_out = None if layer.p_out is None else layer.p_out.to(device, dtype)
+    if p_in is None and _grouped_suits(layer.module, inputs):
+        _grouped_conv_call(layer, inputs, grad_out, p_out, target, accumulate)
+        return
     a, g = _positions(layer, inputs, grad_out)
     rows, positions = g.shape[0], g.shape[-1]
     u = g if p_out is None else _project_features(p_out, g)
@@ -497,6 +500,52 @@ def _project_call(
         product = torch.bmm(a, u.transpose(1, 2))
         _put(target[:, :columns], product.permute(2, 1, 0), accumulate)
     if p_in is None and layer.bias is not None:
+        _put(target[:, columns], u.sum(-1).T, accumulate)
+
+
+# A conv whose input has this many channels gets its per-example weight
+# gradients from one grouped convolution backward (oneDNN's weight-gradient
+# kernel, the examples as groups) instead of patches and a batched GEMM: on
+# this project's CPU 1.6-2.5x faster for 8-16 input channels (SmallCNN's
+# second conv, 16 x 14 x 14 outputs), slower for 1 and for 64.
+GROUPED_CHANNELS = range(4, 33)
+
+
+def _grouped_suits(module: nn.Module, inputs: Tensor) -> bool:
+    if not isinstance(module, nn.Conv2d) or inputs.device.type != "cpu":
+        return False
+    left, right, top, bottom = _conv_padding(module)
+    return module.in_channels in GROUPED_CHANNELS and (left, top) == (right, bottom)
+
+
+def _grouped_conv_call(
+    layer: FactorLayer,
+    inputs: Tensor,
+    grad_out: Tensor,
+    p_out: Tensor | None,
+    target: Tensor,
+    accumulate: bool,
+) -> None:
+    """``_project_call`` for a conv with exact inputs, by a grouped backward."""
+    module = layer.module
+    rows, channels, height, width = inputs.shape
+    g = grad_out.reshape(rows, module.out_channels, -1)
+    u = g if p_out is None else _project_features(p_out, g)
+    k_out = u.shape[1]
+    left, _, top, _ = _conv_padding(module)
+    weights = torch.nn.grad.conv2d_weight(
+        inputs.contiguous().view(1, rows * channels, height, width),
+        (rows * k_out, channels, *module.kernel_size),
+        u.contiguous().view(1, rows * k_out, *grad_out.shape[2:]),
+        stride=module.stride,
+        padding=(top, left),
+        dilation=module.dilation,
+        groups=rows,
+    )
+    columns = channels * math.prod(module.kernel_size)
+    product = weights.view(rows, k_out, columns).permute(1, 2, 0)
+    _put(target[:, :columns], product, accumulate)
+    if layer.bias is not None:
         _put(target[:, columns], u.sum(-1).T, accumulate)
 
 
