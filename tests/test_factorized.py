@@ -540,3 +540,25 @@ def test_grouped_conv_backward_equals_patches_and_a_batched_product(
     torch.testing.assert_close(results[0], results[2], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(results[1], results[3], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(results[1], results[0] + 1)
+
+
+def test_capture_restores_batch_norm_forward_also_when_the_forward_fails(
+    make_cnn, make_classification
+):
+    model = make_cnn(dtype=torch.float64)
+    images, labels = make_classification(6, (1, 6, 6), dtype=torch.float64)
+    layout = select_parameters(model)
+    layers = FactorizedProjector._find_layers(model, layout)
+    task = ClassificationTask()
+    factorized.capture(model, task, (images, labels), layers, True)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all("forward" not in vars(m) for m in norms)
+    with pytest.raises(RuntimeError):
+        factorized.capture(model, task, (images[:, :, :3], labels), layers, True)
+    assert all("forward" not in vars(m) for m in norms)
+    with torch.no_grad():
+        expected = model.eval()(images)
+    torch.testing.assert_close(
+        factorized.capture(model, task, (images, labels), layers, False)[1],
+        classification_margin(expected, labels),
+    )

@@ -626,6 +626,9 @@ def capture(
         layer.module.register_forward_hook(_recorder(records[i]))
         for i, layer in enumerate(layers)
     ]
+    norms = [m for m in model.modules() if _plain_batch_norm(m)]
+    for module in norms:
+        module.forward = _eval_batch_norm_forward(module)
     if channels_last:
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
         handles += [m.register_forward_pre_hook(_input_channels_last) for m in convs]
@@ -642,6 +645,8 @@ def capture(
     finally:
         for handle in handles:
             handle.remove()
+        for module in norms:
+            del module.forward
     rows = batch_size(batch)
     check_per_example(outputs, rows, task, "output")
     check_per_example(weights, rows, task, "out_to_loss")
@@ -811,6 +816,59 @@ class CapturedGradients:
             _put(view, product, accumulate)
         if layer.bias is not None:
             _put(self._columns(grads, layer.bias), g.sum(dim=-1), accumulate)
+
+
+_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _plain_batch_norm(module: nn.Module) -> bool:
+    """A torch BatchNorm with running statistics and its own ``forward``."""
+    return (
+        type(module) in _PLAIN_BATCH_NORMS
+        and module.track_running_stats
+        and module.running_mean is not None
+        and "forward" not in vars(module)
+    )
+
+
+class _EvalBatchNorm(torch.autograd.Function):
+    """Eval-mode BatchNorm whose backward only scales the gradient.
+
+    In eval mode the input gradient is the output gradient times γ / √(σ² + ε)
+    per channel; torch's own BatchNorm backward takes 4-10x as long for it on
+    the CPU (on channels-last tensors, with two threads, 4 ms of a SmallCNN
+    batch's 13). The affine parameters' gradients are not given: the capture
+    takes them from the norm's recorded input and output gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, eps):  # noqa: ANN001, D102
+        scale = torch.rsqrt(var + eps)
+        if weight is not None:
+            scale = scale * weight
+        ctx.save_for_backward(scale)
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, D102
+        (scale,) = ctx.saved_tensors
+        shape = [1, -1] + [1] * (grad.dim() - 2)
+        return grad * scale.reshape(shape), None, None, None, None, None
+
+
+def _eval_batch_norm_forward(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    def forward(x: Tensor) -> Tensor:
+        module._check_input_dim(x)
+        return _EvalBatchNorm.apply(
+            x,
+            module.weight,
+            module.bias,
+            module.running_mean,
+            module.running_var,
+            module.eps,
+        )
+
+    return forward
 
 
 def _input_channels_last(module: nn.Module, args: tuple[Any, ...]) -> Any:
