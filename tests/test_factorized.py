@@ -562,3 +562,50 @@ def test_capture_restores_batch_norm_forward_also_when_the_forward_fails(
         factorized.capture(model, task, (images, labels), layers, False)[1],
         classification_margin(expected, labels),
     )
+
+
+class WideImageNet(nn.Module):
+    """A conv net whose activations dwarf its features: 32 channels at 16x16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 32, 3, padding=1)
+        self.second = nn.Conv2d(32, 32, 3, padding=1)
+        self.head = nn.Linear(32 * 16 * 16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.second(torch.relu(self.first(x))))
+        return self.head(h.flatten(1))
+
+
+def test_chunks_follow_the_measured_activations_within_the_memory_budget(
+    tmp_path, caplog
+):
+    torch.manual_seed(0)
+    model = WideImageNet().eval()
+    x, y = torch.randn(24, 3, 16, 16), torch.randint(0, 4, (24,))
+    features = {}
+    for budget in (1 << 30, 4 << 20):
+        traker = kt.TRAKer(
+            model,
+            "image_classification",
+            24,
+            tmp_path / str(budget),
+            proj_dim=64,
+            device="cpu",
+            memory_bytes=budget,
+        )
+        traker.load_checkpoint(model.state_dict(), model_id=0)
+        with caplog.at_level(logging.INFO, logger="kerntrace"):
+            traker.featurize((x, y), num_samples=24)
+        traker.flush()
+        featurizer = traker._featurizer
+        # The second conv's patches alone: 32 · 3 · 3 inputs at 256 positions.
+        assert featurizer.row_bytes > 32 * 9 * 256 * 4
+        assert featurizer.chunk_rows == max(1, budget // featurizer.row_bytes)
+        features[budget] = np.load(tmp_path / str(budget) / "models/0/features.npy")
+    assert traker._featurizer.chunk_rows < 24
+    assert [r for r in caplog.records if "featurizing in chunks of" in r.getMessage()]
+    np.testing.assert_allclose(
+        features[4 << 20], features[1 << 30], rtol=1e-4, atol=1e-6
+    )

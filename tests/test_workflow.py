@@ -22,6 +22,7 @@ from torch import nn
 
 import kerntrace as kt
 import kerntrace.api
+import kerntrace.files
 from kerntrace.featurize import Featurizer
 
 N_TRAIN = 40
@@ -353,7 +354,7 @@ def test_train_features_beyond_the_free_disk_are_refused(tmp_path, monkeypatch):
     [(0, "0 B"), (1000, "1000 B"), (3 * 2**10, "3.0 KiB"), (5 * 2**29, "2.5 GiB")],
 )
 def test_byte_counts_are_printed_in_a_readable_unit(size, text):
-    assert kerntrace.api._format_bytes(size) == text
+    assert kerntrace.files.format_bytes(size) == text
 
 
 # -- S4: reopening with other settings ------------------------------------------

@@ -40,6 +40,7 @@ from .errors import (
 )
 from .factorized import FactorizedProjector, factorized_share
 from .featurize import Featurizer
+from .files import format_bytes
 from .gradients import batch_items, batch_size, select_parameters
 from .outputs import Task, get_task
 from .projection import PROJECTORS, Projector, make_projector
@@ -118,15 +119,6 @@ def _free_disk(path: Path) -> int | None:
         return None
 
 
-def _format_bytes(size: float) -> str:
-    """``size`` bytes in the largest unit of B, KiB, MiB, GiB, TiB it reaches."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
-
-
 def _check_sizes(k: int, n: int, itemsize: int, save_dir: Path) -> None:
     """Refuse a proj_dim whose kernel or train features cannot fit.
 
@@ -170,8 +162,8 @@ def _check_sizes(k: int, n: int, itemsize: int, save_dir: Path) -> None:
             )
             raise ConfigurationError(
                 f"proj_dim={k} is too large: {what} would need "
-                f"{_format_bytes(needed)}, more than {where} "
-                f"({_format_bytes(limit)}); {hint}"
+                f"{format_bytes(needed)}, more than {where} "
+                f"({format_bytes(limit)}); {hint}"
             )
 
 
@@ -538,7 +530,7 @@ class TRAKer:
             "Conv2d or Embedding layers, a dense matrix would take %s",
             chosen,
             100 * share,
-            _format_bytes(dense_bytes),
+            format_bytes(dense_bytes),
         )
         return chosen
 

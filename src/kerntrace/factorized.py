@@ -409,6 +409,43 @@ class FactorizedProjector:
             parts.append(f"{self.intermediate_dim} features mixed to k={self.proj_dim}")
         return ", ".join(parts)
 
+    def row_bytes(self, model: nn.Module, task: Task, batch: Any) -> int:
+        """Bytes one example takes in ``features``, measured on ``batch``.
+
+        Counts what the batched pass keeps per example: the tensors autograd
+        saves for the backward, the recorded layer inputs and output
+        gradients, a conv's input patches, and the layer features. The
+        batch should be small (two examples): it is run once more.
+        """
+        captured = [*self.layers, *self.norms]
+        saved: dict[int, int] = {}
+
+        def pack(tensor: Tensor) -> Tensor:
+            storage = tensor.untyped_storage()
+            saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        if self._capture is None or self._capture.model is not model:
+            self._capture = Capture(model, task, captured)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                calls, outputs, _ = self._capture(batch)
+        except RuntimeError:
+            # A task that runs torch.func inside (LossTask) refuses the hooks;
+            # count twice the recorded tensors for what autograd saves.
+            saved.clear()
+            calls, outputs, _ = self._capture(batch)
+        rows = max(1, outputs.shape[0])
+        recorded = sum(a.numel() + g.numel() for _, a, g in calls)
+        total = sum(saved.values()) or 2 * recorded * outputs.element_size()
+        for layer, inputs, grad_out in calls:
+            total += (inputs.numel() + grad_out.numel()) * grad_out.element_size()
+            if isinstance(layer.module, nn.Conv2d):
+                positions = grad_out[0, 0].numel() * rows
+                total += positions * layer.n_in * grad_out.element_size()
+        width = sum(la.width for la in captured) * outputs.element_size() * rows
+        return (total + width) // rows
+
     def features(
         self, model: nn.Module, task: Task, batch: Any
     ) -> tuple[Tensor, Tensor]:

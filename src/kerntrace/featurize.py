@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .errors import NonFiniteGradientError
 from .factorized import CapturedGradients, FactorizedProjector, factorized_share
+from .files import format_bytes
 from .gradients import (
     ParameterLayout,
     PerExampleGradients,
@@ -97,10 +98,13 @@ class Featurizer:
         self._verified = False
         itemsize = torch.finfo(self.dtype).bits // 8
         # vmap keeps about three gradient-sized buffers alive per row; the
-        # factorized path keeps a few feature-sized ones.
+        # factorized path keeps a few feature-sized ones, and its batched
+        # pass the activations, measured on the first batch (``_measure``).
         width = getattr(projector, "intermediate_dim", projector.proj_dim)
-        per_row = (3 * gradient_layout.numel + 4 * width) * itemsize
-        self.chunk_rows = max(1, int(memory_bytes // max(1, per_row)))
+        self.memory_bytes = memory_bytes
+        self.row_bytes = (3 * gradient_layout.numel + 4 * width) * itemsize
+        self.chunk_rows = max(1, int(memory_bytes // max(1, self.row_bytes)))
+        self._measured = self.factorized is None
 
     def _verify(self, part: Any) -> None:
         """Check the hooks' gradients against torch.func on two examples.
@@ -130,6 +134,26 @@ class Featurizer:
             self.gradients = PerExampleGradients(
                 self.model, self.task, self.gradients.layout
             )
+
+    def _measure(self, batch: Any) -> None:
+        """Fit ``chunk_rows`` to the factorized pass's measured bytes per row."""
+        few = slice_batch(batch, slice(0, 2))
+        try:
+            activations = self.factorized.row_bytes(self.model, self.task, few)
+        except Exception:  # noqa: BLE001 - the batch itself raises, naming its shapes
+            return
+        self._measured = True
+        self.row_bytes += activations
+        chunk_rows = max(1, int(self.memory_bytes // max(1, self.row_bytes)))
+        if chunk_rows < batch_size(batch):
+            logger.info(
+                "featurizing in chunks of %d rows: the batched pass takes about "
+                "%s per example, the memory budget is %s (memory_bytes)",
+                chunk_rows,
+                format_bytes(self.row_bytes),
+                format_bytes(self.memory_bytes),
+            )
+        self.chunk_rows = chunk_rows
 
     def _chunk(self, part: Any) -> tuple[Tensor, Tensor]:
         if not self._verified:
@@ -164,6 +188,8 @@ class Featurizer:
         """
         batch = prepare_batch(batch, device=self.device, dtype=self.dtype)
         total = batch_size(batch)
+        if not self._measured:
+            self._measure(batch)
         features, weights = [], []
         for start in range(0, total, self.chunk_rows):
             part = slice_batch(batch, slice(start, start + self.chunk_rows))

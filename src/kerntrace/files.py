@@ -33,6 +33,7 @@ from .errors import KerntraceError, StoreCorruptError, StoreWriteError
 __all__ = [
     "HOST",
     "TEMPORARY",
+    "format_bytes",
     "writing",
     "write_json",
     "read_json",
@@ -77,6 +78,15 @@ def _write_error(path: Path, error: OSError) -> StoreWriteError:
     failure = StoreWriteError(error.errno, message)
     failure.filename = str(path)
     return failure
+
+
+def format_bytes(size: float) -> str:
+    """``size`` bytes in the largest unit of B, KiB, MiB, GiB, TiB it reaches."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 @contextmanager
