@@ -351,7 +351,9 @@ class TRAKer:
             ``"float32"`` (default) or ``"float64"``; recorded in
             ``store.json``.
         device: Where gradients are computed; default CUDA if available.
-        memory_bytes: Budget for one chunk of per-example gradients.
+        memory_bytes: Budget for one chunk of a batch: its per-example
+            gradients, and with the factorized projector the batched pass's
+            activations (measured on the first batch).
         rank: With ``world_size``, this process featurizes only the train
             rows ``kerntrace.shard(train_set_size, rank, world_size)``,
             skipping the others it is fed, and writes them to its own shard

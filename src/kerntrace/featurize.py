@@ -64,7 +64,8 @@ class Featurizer:
         projector: Maps gradients to k features: a projector of gradient
             vectors, or a ``FactorizedProjector`` that works from per-layer
             captures (and projects any other parameters' gradients densely).
-        memory_bytes: Budget for the per-example gradients of one chunk.
+        memory_bytes: Budget for one chunk: its per-example gradients and,
+            for a ``FactorizedProjector``, the batched pass's activations.
     """
 
     def __init__(
