@@ -1,8 +1,9 @@
 """From a batch of examples to their features: gradient, then projection.
 
 A batch is cut into chunks of rows so that the per-example gradients of one
-chunk, (rows, p) numbers, stay within a memory budget; peak memory then grows
-with the chunk and k, never with the number of train examples.
+chunk, (rows, p) numbers, or the activations of the factorized projector's
+batched pass, stay within a memory budget; peak memory then grows with the
+chunk and k, never with the number of train examples.
 """
 
 from __future__ import annotations
