@@ -609,3 +609,88 @@ def test_chunks_follow_the_measured_activations_within_the_memory_budget(
     np.testing.assert_allclose(
         features[4 << 20], features[1 << 30], rtol=1e-4, atol=1e-6
     )
+
+
+class AssertsContiguous(nn.Module):
+    """Refuses a channels-last activation with an AssertionError."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x))
+        assert h.is_contiguous(), "needs contiguous"
+        return self.head(h.flatten(1))
+
+
+class LayoutDependent(nn.Module):
+    """Computes something else on channels-last activations, silently."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x))
+        flat = h.reshape(len(h), -1) if h.is_contiguous() else h.permute(0, 2, 3, 1)
+        return self.head(flat.reshape(len(h), -1))
+
+
+class ViewsAfterPooling(nn.Module):
+    """``view`` works channels-last only while the pooled map is 1x1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.max_pool2d(torch.tanh(self.conv(x)), 4)
+        return self.head(h.view(len(h), -1)[:, :3])
+
+
+class ScaledNorm(nn.BatchNorm2d):
+    """A BatchNorm subclass whose forward goes on after the affine step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2 + 1
+
+
+class WithScaledNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.norm = ScaledNorm(3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.norm(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("make", "sides"),
+    [
+        (AssertsContiguous, (6, 6)),
+        (LayoutDependent, (6, 6)),
+        (ViewsAfterPooling, (4, 8)),
+        (WithScaledNorm, (6, 6)),
+    ],
+    ids=["asserts", "layout-dependent", "later-batch", "norm-subclass"],
+)
+def test_models_that_channels_last_or_the_norm_hooks_would_get_wrong_stay_exact(
+    make, sides, make_classification, loop_gradients
+):
+    torch.manual_seed(0)
+    model = make().double().eval()
+    layout = select_parameters(model)
+    gradients = CapturedGradients(model, ClassificationTask(), layout)
+    for side in sides:
+        x, y = make_classification(6, (1, side, side), dtype=torch.float64)
+        grads, _ = gradients.compute((x, y))
+        exact = loop_gradients(model, x, y)
+        torch.testing.assert_close(grads, exact, rtol=1e-9, atol=1e-11)
+    if not isinstance(model, WithScaledNorm):
+        assert not gradients._capture.channels_last

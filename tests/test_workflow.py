@@ -840,17 +840,75 @@ def test_a_failed_background_write_is_raised_by_the_next_call_and_its_rows_redon
     traker = new_traker(tmp_path)
     traker.load_checkpoint(checkpoints[0], model_id=0)
     traker.featurize(rows(train, 0, 10), num_samples=10)  # fails in the background
-    with pytest.raises(kt.StoreWriteError, match="features.npy") as error:
+    with pytest.raises(kt.StoreWriteError, match=r"rows 0\.\.9 of model id 0") as error:
         traker.featurize(rows(train, 10, 20), num_samples=10)
-    assert error.value.errno == 28
-    assert not np.load(tmp_path / "models" / "0" / "done.npy").any()
+    assert error.value.errno == 28 and error.value.filename.endswith("features.npy")
+    # A loop that catches the error and goes on keeps its rows in place:
+    # the batch that raised was written, only rows 0..9 are missing.
+    for start in (20, 30):
+        traker.featurize(rows(train, start, start + 10), num_samples=10)
+    with pytest.raises(kt.OrderError, match=r"rows 0\.\.9"):
+        traker.finalize_features()
+    assert np.load(tmp_path / "models/0/done.npy").tolist() == [0] * 10 + [1] * 30
 
     seen = count_featurized(monkeypatch)
-    traker.featurize(train, inds=range(N_TRAIN))
-    assert seen == [list(range(N_TRAIN))], "the failed rows were not computed again"
+    traker.load_checkpoint(checkpoints[0], model_id=0)
+    for batch in batches(train, 10):
+        traker.featurize(batch, num_samples=10)
+    assert seen == [list(range(10))], "only the failed rows are computed again"
     traker.load_checkpoint(checkpoints[1], model_id=1)
     traker.featurize(train, num_samples=N_TRAIN)
     traker.finalize_features()
     score_ids(traker, checkpoints, targets, [0, 1])
     scores = np.array(traker.finalize_scores("val"))
     np.testing.assert_allclose(scores, clean_scores, rtol=1e-5, atol=1e-8)
+
+
+def test_two_trakers_of_one_process_share_a_store_and_either_finalizes(
+    tmp_path, checkpoints, train, targets, clean_scores
+):
+    first, second = new_traker(tmp_path), new_traker(tmp_path)
+    for model_id in (0, 1):
+        first.load_checkpoint(checkpoints[model_id], model_id=model_id)
+        second.load_checkpoint(checkpoints[model_id], model_id=model_id)
+        for index, start in enumerate(range(0, N_TRAIN, 5)):
+            writer = first if index % 2 == 0 else second
+            writer.featurize(
+                rows(train, start, start + 5), inds=range(start, start + 5)
+            )
+    # first's last rows still wait for their flush; finalizing flushes them.
+    second.finalize_features()
+    score_ids(second, checkpoints, targets, [0, 1])
+    scores = np.array(second.finalize_scores("val"))
+    np.testing.assert_allclose(scores, clean_scores, rtol=1e-5, atol=1e-8)
+
+
+def test_featurizing_in_a_thread_that_outlives_the_main_thread_writes_every_row(
+    tmp_path,
+):
+    script = textwrap.dedent(
+        f"""
+        import sys, threading
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import test_workflow as w
+        train = w.make_data(w.N_TRAIN, seed=10)
+        traker = w.new_traker({str(tmp_path)!r})
+
+        def work():
+            import time
+            time.sleep(0.5)  # the main thread has ended by now
+            for model_id in (0, 1):
+                traker.load_checkpoint(w.make_checkpoint(model_id + 1), model_id)
+                for start in range(0, w.N_TRAIN, 10):
+                    batch = w.rows(train, start, start + 10)
+                    traker.featurize(batch, num_samples=10)
+
+        threading.Thread(target=work).start()
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    for model_id in (0, 1):
+        assert np.load(tmp_path / "models" / str(model_id) / "done.npy").all()

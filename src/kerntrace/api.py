@@ -664,8 +664,9 @@ class TRAKer:
                 dtype or device.
             NonFiniteGradientError: An example's gradient is NaN or infinite.
             NumericalError: Features overflow float16 storage.
-            StoreWriteError: The previous batch's rows could not be written
-                (they stay missing), or this batch's cannot be.
+            StoreWriteError: An earlier batch's rows could not be written;
+                the message names them, they stay missing (rerunning the loop
+                computes them) and this batch's rows were handed on.
         """
         if self._featurizer is None or self._writer is None:
             raise OrderError(
@@ -676,14 +677,18 @@ class TRAKer:
         rows = _rows_of(inds, num_samples, count, self._cursor, self.train_set_size)
         todo = self._writer.pending(rows)
         if todo.size:
+            self._writer.ensure_claim()
             part = batch if todo.size == count else _take(batch, todo)
             with _explain_placement(part, self._featurizer):
                 features, weights = self._featurizer(part, rows[todo])
             features = _storable(features.numpy(), self.store.feature_dtype, rows[todo])
             self.store.remove(f"models/{self._model_id}/kernel.json")
-            self._writer.write(rows[todo], features, weights.numpy())
         if num_samples is not None:
+            # These rows are taken from here on, even if an earlier batch's
+            # write failure is raised below: this batch's rows are handed on.
             self._cursor += count
+        if todo.size:
+            self._writer.write(rows[todo], features, weights.numpy())
 
     def flush(self) -> None:
         """Write the train rows featurized so far to disk and mark them done.

@@ -50,6 +50,7 @@ __all__ = [
     "FactorizedProjector",
     "FactorLayer",
     "NormLayer",
+    "agreement_tolerance",
     "capture",
     "factorizable",
     "factorized_share",
@@ -151,7 +152,7 @@ def _find_norms(model: nn.Module, layout: ParameterLayout) -> list[NormLayer]:
     owners = _owners(model)
     norms = []
     for name, module in model.named_modules():
-        if not isinstance(module, _NORM_TYPES):
+        if not isinstance(module, _NORM_TYPES) or not _own_forward(module):
             continue
         if isinstance(module, nn.LayerNorm) and not module.elementwise_affine:
             continue
@@ -172,6 +173,22 @@ def _find_norms(model: nn.Module, layout: ParameterLayout) -> list[NormLayer]:
         ).numel()
         norms.append(NormLayer(name, module, names[0], names[1], channels))
     return norms
+
+
+_NORM_FORWARDS = (
+    nn.modules.batchnorm._BatchNorm.forward,
+    nn.SyncBatchNorm.forward,
+    nn.LayerNorm.forward,
+)
+
+
+def _own_forward(module: nn.Module) -> bool:
+    """Whether a norm computes torch's own output, so its hooks' γ, β are right.
+
+    A subclass with a ``forward`` of its own (``super().forward(x) * 2``)
+    leaves the affine step, and its parameters go through torch.func.
+    """
+    return type(module).forward in _NORM_FORWARDS and "forward" not in vars(module)
 
 
 def _owners(model: nn.Module) -> dict[int, int]:
@@ -593,9 +610,10 @@ class Capture:
     channels-last memory format: the same values, but the BatchNorm, ReLU and
     pooling that follow run several times faster on it (the small CNN of
     ``benchmarks/speed.py`` spends about half its forward and backward time
-    less). A model whose forward cannot take such tensors (a ``view`` of a
-    conv's output, say) raises on the first batch; the batch is then run again
-    in the standard format, which is kept from then on.
+    less). A batch on which the model's forward fails with such tensors (a
+    ``view`` of a conv's output, say) but runs in the standard format is
+    rerun in the standard format, which is kept from then on; so is a model
+    whose outputs on the first batch differ between the two formats.
 
     Args:
         model: The network.
@@ -611,28 +629,52 @@ class Capture:
         on_cpu = first is None or first.device.type == "cpu"
         has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
         self.channels_last = on_cpu and has_conv
-        self._tried = False
+        self._compared = False
 
     def __call__(
         self, batch: Any
     ) -> tuple[list[tuple[FactorLayer | NormLayer, Tensor, Tensor]], Tensor, Tensor]:
         """Run one batch; see ``capture`` for what comes back."""
-        if not self.channels_last or self._tried:
-            return capture(
-                self.model, self.task, batch, self.layers, self.channels_last
-            )
+        if not self.channels_last:
+            return capture(self.model, self.task, batch, self.layers, False)
         try:
             result = capture(self.model, self.task, batch, self.layers, True)
-        except RuntimeError as error:
-            self.channels_last = False
-            logger.info(
-                "the model's forward failed on channels-last conv outputs (%s); "
-                "running it in the standard memory format",
-                str(error).splitlines()[0][:200] if str(error) else type(error),
+        except Exception as error:  # noqa: BLE001 - rerun below, or raise its error
+            standard = capture(self.model, self.task, batch, self.layers, False)
+            self._standard(
+                f"its forward failed on channels-last conv outputs ({error})"
             )
-            result = capture(self.model, self.task, batch, self.layers, False)
-        self._tried = True
+            return standard
+        if not self._compared:
+            self._compared = True
+            with torch.no_grad(), eval_mode(self.model):
+                expected = self.task.output(self.model, batch).reshape(-1)
+            scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
+            drift = float((result[1].to(expected.dtype) - expected).abs().max() / scale)
+            if drift > agreement_tolerance(expected.dtype):
+                self._standard(
+                    f"its outputs change with channels-last tensors, by {drift:.1e} "
+                    "of the largest"
+                )
+                return capture(self.model, self.task, batch, self.layers, False)
         return result
+
+    def _standard(self, why: str) -> None:
+        self.channels_last = False
+        logger.info(
+            "running the model in the standard memory format from now on: %s",
+            why.splitlines()[0][:300],
+        )
+
+
+def agreement_tolerance(dtype: torch.dtype) -> float:
+    """How far (relative to the largest entry) hook and torch.func gradients
+    may differ from rounding alone: 1e-4 for float32, 1e-9 for float64, and
+    sixteen rounding units for float16 and bfloat16, whose gradients
+    are summed in their own precision."""
+    if dtype == torch.float64:
+        return 1e-9
+    return max(1e-4, 16 * torch.finfo(dtype).eps)
 
 
 def capture(

@@ -17,7 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from .errors import NonFiniteGradientError
-from .factorized import CapturedGradients, FactorizedProjector, factorized_share
+from .factorized import (
+    CapturedGradients,
+    FactorizedProjector,
+    agreement_tolerance,
+    factorized_share,
+)
 from .files import format_bytes
 from .gradients import (
     ParameterLayout,
@@ -31,16 +36,6 @@ from .outputs import Task
 from .projection import Projector
 
 __all__ = ["Featurizer"]
-
-
-def _agreement_tolerance(dtype: torch.dtype) -> float:
-    """How far (relative to the largest entry) hook and torch.func gradients
-    may differ from rounding alone: 1e-4 for float32, 1e-9 for float64, and
-    sixteen rounding units for float16 and bfloat16, whose gradients
-    are summed in their own precision."""
-    if dtype == torch.float64:
-        return 1e-9
-    return max(1e-4, 16 * torch.finfo(dtype).eps)
 
 
 def _gradient_engine(
@@ -124,7 +119,7 @@ class Featurizer:
             self.model, self.task, self.gradients.layout
         ).compute(few)
         scale = exact.abs().max().clamp_min(torch.finfo(exact.dtype).tiny)
-        tolerance = _agreement_tolerance(exact.dtype)
+        tolerance = agreement_tolerance(exact.dtype)
         if float((captured - exact).abs().max() / scale) > tolerance:
             warnings.warn(
                 "per-layer hooks disagree with torch.func on this model (a "

@@ -59,6 +59,7 @@ from .errors import (
     StoreBusyError,
     StoreCorruptError,
     StoreMismatchError,
+    StoreWriteError,
 )
 from .files import (
     HOST,
@@ -177,12 +178,17 @@ class RowArrays:
         """
         if not self._unflagged:
             return
-        for array in (self.features, self.weights):
-            if isinstance(array, np.memmap):
-                with writing(Path(array.filename)):
-                    array.flush()
+        rows, self._unflagged = np.unique(np.concatenate(self._unflagged)), []
+        try:
+            for array in (self.features, self.weights):
+                if isinstance(array, np.memmap):
+                    with writing(Path(array.filename)):
+                        array.flush()
+        except BaseException:
+            # The rows stay missing, to be written again.
+            self._remaining += int(np.count_nonzero(self.done[rows] == 0))
+            raise
         self._flushed_at = time.monotonic()
-        rows, self._unflagged = np.concatenate(self._unflagged), []
         self.done[rows] = 1
         if self._remaining <= 0 and isinstance(self.done, np.memmap):
             with writing(Path(self.done.filename)):
@@ -205,8 +211,9 @@ class TrainWriter:
     A ``write`` hands the rows to a background thread and returns: copying
     them into the memory-mapped files and flushing them then overlaps with
     the computation of the next batch. The next ``write``, ``sync`` or
-    ``release`` waits for it first and raises its error, if any; the rows of
-    a failed write stay missing.
+    ``release`` waits for it first and raises its error, if any, naming its
+    rows, which stay missing; ``write`` hands on its own rows before raising
+    it.
     """
 
     def __init__(
@@ -232,6 +239,11 @@ class TrainWriter:
         """Positions in ``rows`` of the rows this writer still has to write."""
         positions = np.flatnonzero((rows >= self.start) & (rows < self.stop))
         return positions[~self._done[rows[positions] - self.start]]
+
+    def ensure_claim(self) -> None:
+        """Claim the rows unless this writer holds them (see ``claim``)."""
+        if self._claim is None:
+            self.claim()
 
     def claim(self) -> None:
         """Claim the rows, and open the arrays they are written to.
@@ -281,13 +293,21 @@ class TrainWriter:
         """Write rows that ``pending`` gave; release the claim when all are."""
         if self._claim is None:
             self.claim()
-        self.wait()
+        earlier = self._collect()
         local = rows - self.start
-        job = _background().submit(
-            self.arrays.write, local, features, weights, within=TRAIN_FLUSH_SECONDS
-        )
+        try:
+            job = _background().submit(
+                self.arrays.write, local, features, weights, within=TRAIN_FLUSH_SECONDS
+            )
+        except RuntimeError:  # the interpreter is shutting down: write here
+            job = Future()
+            job.set_result(
+                self.arrays.write(local, features, weights, within=TRAIN_FLUSH_SECONDS)
+            )
         self._inflight = (local, job)
         self._done[local] = True
+        if earlier is not None:
+            raise earlier
         if self._done.all():
             self.release()
 
@@ -297,14 +317,32 @@ class TrainWriter:
         Raises:
             StoreWriteError: It failed; its rows are again to be written.
         """
+        earlier = self._collect()
+        if earlier is not None:
+            raise earlier
+
+    def _collect(self) -> StoreWriteError | None:
+        """Wait for the background write; its error, its rows marked missing."""
         if self._inflight is None:
-            return
+            return None
         (local, job), self._inflight = self._inflight, None
         try:
             job.result()
+        except StoreWriteError as error:
+            self._done[local] = False
+            missing = format_rows(local + self.start)
+            failure = StoreWriteError(
+                error.errno,
+                f"train rows {missing} of model id {self.model_id} were not written "
+                f"and are missing (a later featurize or a rerun computes them): "
+                f"{error.strerror}",
+            )
+            failure.filename = error.filename
+            return failure
         except BaseException:
             self._done[local] = False
             raise
+        return None
 
     def sync(self) -> None:
         """Flush the rows written so far and mark them done (see ``RowArrays``)."""
@@ -649,6 +687,9 @@ class Store:
             The checkpoint's arrays (``train_rows``), and the claims of live
             writers that have rows left to write.
         """
+        for writer in list(_LIVE_WRITERS):
+            if writer.model_id == model_id and writer.store.path == self.path:
+                writer.sync()
         with self.model_lock(model_id):
             claims = self.claims(model_id)
             busy = [
