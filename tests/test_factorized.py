@@ -611,13 +611,17 @@ def test_chunks_follow_the_measured_activations_within_the_memory_budget(
     )
 
 
-class AssertsContiguous(nn.Module):
-    """Refuses a channels-last activation with an AssertionError."""
+class OneConv(nn.Module):
+    """A 3-channel conv and a linear head over ``inputs`` features."""
 
-    def __init__(self) -> None:
+    def __init__(self, inputs: int = 3 * 6 * 6) -> None:
         super().__init__()
         self.conv = nn.Conv2d(1, 3, 3, padding=1)
-        self.head = nn.Linear(3 * 6 * 6, 3)
+        self.head = nn.Linear(inputs, 3)
+
+
+class AssertsContiguous(OneConv):
+    """Refuses a channels-last activation with an AssertionError."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.conv(x))
@@ -625,13 +629,8 @@ class AssertsContiguous(nn.Module):
         return self.head(h.flatten(1))
 
 
-class LayoutDependent(nn.Module):
+class LayoutDependent(OneConv):
     """Computes something else on channels-last activations, silently."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3, padding=1)
-        self.head = nn.Linear(3 * 6 * 6, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.conv(x))
@@ -639,13 +638,11 @@ class LayoutDependent(nn.Module):
         return self.head(flat.reshape(len(h), -1))
 
 
-class ViewsAfterPooling(nn.Module):
+class ViewsAfterPooling(OneConv):
     """``view`` works channels-last only while the pooled map is 1x1."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3, padding=1)
-        self.head = nn.Linear(3, 3)
+        super().__init__(inputs=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = nn.functional.max_pool2d(torch.tanh(self.conv(x)), 4)
