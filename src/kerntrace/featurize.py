@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
-from .errors import NonFiniteGradientError
+from .errors import ConfigurationError, NonFiniteGradientError
 from .factorized import (
     CapturedGradients,
     FactorizedProjector,
@@ -29,6 +30,7 @@ from .gradients import (
     PerExampleGradients,
     batch_size,
     check_independent_examples,
+    eval_mode,
     prepare_batch,
     slice_batch,
 )
@@ -110,17 +112,18 @@ class Featurizer:
         a layer's weight directly (``F.linear(x, self.fc.weight)``) would get
         wrong gradients from them, so such a model falls back to torch.func.
         """
+        few = slice_batch(part, slice(0, 2))
+        if self.factorized is not None:
+            self._verify_factorized(few)
+            return
         self._verified = True
         if not isinstance(self.gradients, CapturedGradients):
             return
-        few = slice_batch(part, slice(0, 2))
         captured, _ = self.gradients.compute(few)
         exact, _ = PerExampleGradients(
             self.model, self.task, self.gradients.layout
         ).compute(few)
-        scale = exact.abs().max().clamp_min(torch.finfo(exact.dtype).tiny)
-        tolerance = agreement_tolerance(exact.dtype)
-        if float((captured - exact).abs().max() / scale) > tolerance:
+        if not _agree(captured, exact):
             warnings.warn(
                 "per-layer hooks disagree with torch.func on this model (a "
                 "layer's weight is used outside its forward?); using torch.func "
@@ -130,6 +133,30 @@ class Featurizer:
             )
             self.gradients = PerExampleGradients(
                 self.model, self.task, self.gradients.layout
+            )
+
+    def _verify_factorized(self, few: Any) -> None:
+        """Refuse a model whose gradients the factorized projector cannot see.
+
+        Raises:
+            ConfigurationError: The hooks' exact gradients of two examples
+                differ from torch.func's; nothing was written.
+        """
+        try:
+            captured, _ = CapturedGradients(self.model, self.task, self.layout).compute(
+                few
+            )
+            exact = _loop_gradients(self.model, self.task, self.layout, few)
+        except Exception:  # noqa: BLE001 - the batch itself raises, naming its shapes
+            return
+        self._verified = True
+        if not _agree(captured, exact):
+            raise ConfigurationError(
+                "the factorized projector cannot see this model's gradients: its "
+                "per-layer hooks disagree with torch.func (is a layer's weight used "
+                "outside that layer's forward, e.g. F.linear(x, self.fc.weight)?); "
+                "create the TRAKer with projector='sparse' or 'dense'. Nothing was "
+                "written"
             )
 
     def _measure(self, batch: Any) -> None:
@@ -209,6 +236,49 @@ class Featurizer:
         if len(features) == 1:
             return features[0], weights[0]
         return torch.cat(features), torch.cat(weights)
+
+
+def _loop_gradients(
+    model: nn.Module, task: Task, layout: ParameterLayout, batch: Any
+) -> Tensor:
+    """Per-example gradients (B, p) by one plain backward pass per example.
+
+    Slow, but it needs neither hooks nor torch.func (whose first call in a
+    process costs about a second): the reference for a check on two rows.
+    """
+    chosen = set(layout.names)
+    params = {
+        n: p.detach().requires_grad_(n in chosen) for n, p in model.named_parameters()
+    }
+    tensors = {**params, **{n: b.detach() for n, b in model.named_buffers()}}
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return functional_call(model, tensors, args, kwargs)
+
+    wanted = [params[n] for n in layout.names]
+    rows = []
+    with eval_mode(model), torch.enable_grad():
+        for index in range(batch_size(batch)):
+            one = slice_batch(batch, slice(index, index + 1))
+            grads = torch.autograd.grad(
+                task.output(run, one).sum(), wanted, allow_unused=True
+            )
+            rows.append(
+                torch.cat(
+                    [
+                        (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                        for g, p in zip(grads, wanted, strict=True)
+                    ]
+                )
+            )
+    return torch.stack(rows)
+
+
+def _agree(captured: Tensor, exact: Tensor) -> bool:
+    """Whether two computations of per-example gradients agree to rounding."""
+    scale = exact.abs().max().clamp_min(torch.finfo(exact.dtype).tiny)
+    tolerance = agreement_tolerance(exact.dtype)
+    return float((captured - exact).abs().max() / scale) <= tolerance
 
 
 def _first_non_finite(features: Tensor, weights: Tensor) -> int | None:
