@@ -34,6 +34,7 @@ from .gradients import (
     prepare_batch,
     slice_batch,
 )
+from .heap import keep_freed_blocks
 from .outputs import Task
 from .projection import Projector
 
@@ -82,6 +83,8 @@ class Featurizer:
         self.projector = projector
         first = next(iter(model.parameters()))
         self.device, self.dtype = first.device, first.dtype
+        if self.device.type == "cpu":
+            keep_freed_blocks()
         if isinstance(projector, FactorizedProjector):
             self.factorized: FactorizedProjector | None = projector
             self.dense: Projector | None = projector.rest_projector
