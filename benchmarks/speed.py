@@ -9,11 +9,14 @@ the peak resident memory of doing so:
   default the library ships; its choice is logged and recorded),
   ``"dense"``, ``"sparse"`` and ``"factorized"``;
 - ``traker`` 0.3.2's ``TRAKer.featurize`` on the CPU, where it uses its
-  Gaussian ``BasicProjector``, with its default float16 arithmetic and with
-  ``use_half_precision=False``;
+  Gaussian ``BasicProjector``, with its default float16 arithmetic, with
+  ``use_half_precision=False``, and with float32 in a process given the
+  malloc setting kerntrace makes (``kerntrace.heap``), so that no ratio
+  comes from the heap alone;
 - the gradient floor: kerntrace's per-example gradients alone
   (``PerExampleGradients.compute``, ``torch.func`` vmap, no projection), and
-  one plain batched forward and backward pass as a lower bound.
+  one plain batched forward and backward pass as a lower bound, both with
+  kerntrace's malloc setting.
 
 Every configuration runs in its own subprocess on 2 CPU threads (``--threads``
 changes that), so that its peak RSS (``ru_maxrss`` read at the end of the
@@ -103,6 +106,7 @@ PROJECTED_TOOLS = (
     "kerntrace-factorized",
     "traker-fp16",
     "traker-fp32",
+    "traker-fp32-heap",
 )
 FLOOR_TOOLS = ("floor-per-example", "floor-batched")
 
@@ -113,6 +117,7 @@ LABELS = {
     "kerntrace-factorized": "kerntrace `factorized`",
     "traker-fp16": "traker 0.3.2 (default, float16)",
     "traker-fp32": "traker 0.3.2 (`use_half_precision=False`)",
+    "traker-fp32-heap": "traker 0.3.2 (float32, kerntrace's malloc setting)",
     "floor-per-example": "floor: per-example gradients (vmap), no projection",
     "floor-batched": "reference: one batched forward + backward",
 }
@@ -260,8 +265,12 @@ def _floor_step(model: Any, batched: bool) -> tuple[Step, dict[str, Any]]:
     import torch
 
     from kerntrace.gradients import PerExampleGradients, select_parameters
+    from kerntrace.heap import keep_freed_blocks
     from kerntrace.outputs import get_task
 
+    # The floors get the malloc setting TRAKer.featurize makes, so that a
+    # ratio against them measures the projection, not the heap.
+    keep_freed_blocks()
     task = get_task("image_classification")
     if not batched:
         gradients = PerExampleGradients(model, task, select_parameters(model))
@@ -343,6 +352,10 @@ def run_child(config: Config) -> dict[str, Any]:
             step, info = _kerntrace_step(model, config.n, config.k, projector, folder)
         elif config.tool.startswith("traker-"):
             half = config.tool == "traker-fp16"
+            if config.tool.endswith("-heap"):
+                from kerntrace.heap import keep_freed_blocks
+
+                keep_freed_blocks()
             step, info = _traker_step(model, config.n, config.k, half, folder)
         else:
             step, info = _floor_step(model, config.tool == "floor-batched")
@@ -537,10 +550,10 @@ def _find(results: list[dict], model: str, tool: str, k: int) -> dict | None:
 def _traker_reference(
     results: list[dict], model: str, k: int, key: str = "rate"
 ) -> float | None:
-    """The faster of traker's two variants at this k: the conservative baseline."""
+    """The fastest of traker's variants at this k: the conservative baseline."""
     rates = [
         r.get(key, r["rate"])
-        for tool in ("traker-fp16", "traker-fp32")
+        for tool in ("traker-fp16", "traker-fp32", "traker-fp32-heap")
         if _ok(r := _find(results, model, tool, k))
     ]
     return max(rates) if rates else None
@@ -717,7 +730,7 @@ def render(
         "first batch, the "
         "tool's construction and the checkpoint load make the one-time cost "
         "(for `dense` it includes drawing the matrix). × traker divides by "
-        "the faster of the two traker rows at the same k (the conservative "
+        "the fastest of the traker rows at the same k (the conservative "
         "baseline); × floor divides by the "
         "per-example gradient row. k is the dimension produced.",
         "- traker 0.3.2 runs on the CPU with `device='cpu'`, where it picks "
