@@ -24,7 +24,7 @@ from kerntrace.factorized import (
 )
 from kerntrace.featurize import Featurizer
 from kerntrace.gradients import select_parameters
-from kerntrace.outputs import ClassificationTask, classification_margin
+from kerntrace.outputs import ClassificationTask, classification_margin, get_task
 from kerntrace.projection import DenseProjector
 
 
@@ -708,3 +708,37 @@ def test_factorized_refuses_a_model_whose_weight_is_used_outside_its_layer(tmp_p
         traker.featurize((x, y), num_samples=6)
     traker.flush()
     assert not np.load(tmp_path / "models/0/done.npy").any()
+
+
+class WideWeights(nn.Module):
+    """A small input through a Linear layer with 16 MiB of weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide = nn.Linear(8, 1 << 12)
+        self.head = nn.Linear(1 << 12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.wide(x)))
+
+
+@pytest.mark.parametrize("model_class", [WideImageNet, WideWeights])
+def test_measured_row_bytes_ignore_the_rest_of_a_sliced_batch_and_the_weights(
+    model_class,
+):
+    torch.manual_seed(0)
+    model = model_class().eval()
+    shape = (3, 16, 16) if model_class is WideImageNet else (8,)
+    everything = torch.randn(20_000, *shape)
+    labels = torch.randint(0, 3, (20_000,))
+    layout = select_parameters(model)
+    projector = FactorizedProjector(model, layout, 64, seed=0, model_id=0)
+    task = get_task("classification")
+    sliced = projector.row_bytes(model, task, (everything[:2], labels[:2]))
+    alone = projector.row_bytes(
+        model, task, (everything[:2].clone(), labels[:2].clone())
+    )
+    assert sliced == alone
+    # Two rows of activations, never a share of the 20,000 rows or of the
+    # 16 MiB weight: a MiB at most per row for these models.
+    assert alone < 1 << 20

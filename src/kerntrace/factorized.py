@@ -431,15 +431,26 @@ class FactorizedProjector:
 
         Counts what the batched pass keeps per example: the tensors autograd
         saves for the backward, the recorded layer inputs and output
-        gradients, a conv's input patches, and the layer features. The
-        batch should be small (two examples): it is run once more.
+        gradients, a conv's input patches, and the layer features. A saved
+        tensor counts the bytes it spans, not its whole storage (a batch
+        sliced from a larger tensor shares that tensor's storage), and the
+        model's parameters and buffers, which do not grow with the rows, are
+        left out. The batch should be small (two examples): it is run once
+        more.
         """
         captured = [*self.layers, *self.norms]
+        fixed = {
+            t.untyped_storage().data_ptr()
+            for t in [*model.parameters(), *model.buffers()]
+        }
         saved: dict[int, int] = {}
 
         def pack(tensor: Tensor) -> Tensor:
             storage = tensor.untyped_storage()
-            saved[storage.data_ptr()] = storage.nbytes()
+            if storage.data_ptr() not in fixed:
+                spans = min(storage.nbytes(), _span_bytes(tensor))
+                key = storage.data_ptr()
+                saved[key] = max(saved.get(key, 0), spans)
             return tensor
 
         if self._capture is None or self._capture.model is not model:
@@ -502,6 +513,17 @@ class FactorizedProjector:
             if id(layer) not in written:
                 columns[layer.offset : layer.offset + layer.width].zero_()
         return columns, weights
+
+
+def _span_bytes(tensor: Tensor) -> int:
+    """Bytes from a tensor's first element to its last, in its storage."""
+    if tensor.numel() == 0:
+        return 0
+    last = sum(
+        (size - 1) * abs(step)
+        for size, step in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+    return (last + 1) * tensor.element_size()
 
 
 def _put(target: Tensor, value: Tensor, accumulate: bool) -> None:
