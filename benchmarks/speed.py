@@ -265,12 +265,8 @@ def _floor_step(model: Any, batched: bool) -> tuple[Step, dict[str, Any]]:
     import torch
 
     from kerntrace.gradients import PerExampleGradients, select_parameters
-    from kerntrace.heap import keep_freed_blocks
     from kerntrace.outputs import get_task
 
-    # The floors get the malloc setting TRAKer.featurize makes, so that a
-    # ratio against them measures the projection, not the heap.
-    keep_freed_blocks()
     task = get_task("image_classification")
     if not batched:
         gradients = PerExampleGradients(model, task, select_parameters(model))
@@ -278,13 +274,28 @@ def _floor_step(model: Any, batched: bool) -> tuple[Step, dict[str, Any]]:
         def step(batch: tuple[Any, Any]) -> None:
             gradients.compute(batch)
 
-        return step, {"chosen": "none", "k_actual": 0, "log": []}
+        return _heap_kept(step), {"chosen": "none", "k_actual": 0, "log": []}
     params = [p for p in model.parameters() if p.requires_grad]
 
     def batched_step(batch: tuple[Any, Any]) -> None:
         torch.autograd.grad(task.output(model, batch).sum(), params)
 
-    return batched_step, {"chosen": "none", "k_actual": 0, "log": []}
+    return _heap_kept(batched_step), {"chosen": "none", "k_actual": 0, "log": []}
+
+
+def _heap_kept(step: Step) -> Step:
+    """``step`` with the malloc setting ``TRAKer.featurize`` uses per batch.
+
+    The floors and one traker row get it, so that no ratio against them
+    comes from the heap alone.
+    """
+    from kerntrace.heap import reusing_freed_blocks
+
+    def kept(batch: tuple[Any, Any]) -> None:
+        with reusing_freed_blocks():
+            step(batch)
+
+    return kept
 
 
 def _time_batches(
@@ -352,11 +363,9 @@ def run_child(config: Config) -> dict[str, Any]:
             step, info = _kerntrace_step(model, config.n, config.k, projector, folder)
         elif config.tool.startswith("traker-"):
             half = config.tool == "traker-fp16"
-            if config.tool.endswith("-heap"):
-                from kerntrace.heap import keep_freed_blocks
-
-                keep_freed_blocks()
             step, info = _traker_step(model, config.n, config.k, half, folder)
+            if config.tool.endswith("-heap"):
+                step = _heap_kept(step)
         else:
             step, info = _floor_step(model, config.tool == "floor-batched")
         setup = time.perf_counter() - start

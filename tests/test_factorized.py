@@ -696,15 +696,31 @@ def test_models_that_channels_last_or_the_norm_hooks_would_get_wrong_stay_exact(
         assert not gradients._capture.channels_last
 
 
-def test_factorized_refuses_a_model_whose_weight_is_used_outside_its_layer(tmp_path):
+class SqueezingWeightOutsideForward(WeightOutsideForward):
+    """The same misuse in a forward that needs two rows: ``squeeze`` drops B=1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.squeeze())[:, :3]
+
+
+@pytest.mark.parametrize(
+    "model_class", [WeightOutsideForward, SqueezingWeightOutsideForward]
+)
+def test_factorized_refuses_a_model_whose_weight_is_used_outside_its_layer(
+    tmp_path, model_class
+):
     torch.manual_seed(0)
-    model = WeightOutsideForward()
+    model = model_class()
     x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    if model_class is SqueezingWeightOutsideForward:
+        x = x.unsqueeze(1)
     traker = kt.TRAKer(
         model, "classification", 6, tmp_path, proj_dim=8, projector="factorized"
     )
     traker.load_checkpoint(model.state_dict(), model_id=0)
-    with pytest.raises(kt.ConfigurationError, match="projector='sparse' or 'dense'"):
+    with pytest.raises(
+        kt.ConfigurationError, match="projector='sparse' or 'dense' and a new save_dir"
+    ):
         traker.featurize((x, y), num_samples=6)
     traker.flush()
     assert not np.load(tmp_path / "models/0/done.npy").any()
@@ -742,3 +758,39 @@ def test_measured_row_bytes_ignore_the_rest_of_a_sliced_batch_and_the_weights(
     # Two rows of activations, never a share of the 20,000 rows or of the
     # 16 MiB weight: a MiB at most per row for these models.
     assert alone < 1 << 20
+
+
+def test_a_transposed_view_is_measured_by_its_own_rows():
+    torch.manual_seed(0)
+    model = WideWeights().eval()
+    everything = torch.randn(8, 200_000)  # feature-major: examples are columns
+    labels = torch.randint(0, 3, (2,))
+    layout = select_parameters(model)
+    projector = FactorizedProjector(model, layout, 64, seed=0, model_id=0)
+    task = get_task("classification")
+    view = everything.T[:2]
+    assert projector.row_bytes(model, task, (view, labels)) == projector.row_bytes(
+        model, task, (view.contiguous(), labels)
+    )
+
+
+def test_a_later_batch_cut_into_chunks_is_logged(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = WideImageNet().eval()
+    x, y = torch.randn(40, 3, 16, 16), torch.randint(0, 4, (40,))
+    traker = kt.TRAKer(
+        model,
+        "image_classification",
+        40,
+        tmp_path,
+        proj_dim=64,
+        device="cpu",
+        memory_bytes=4 << 20,
+    )
+    traker.load_checkpoint(model.state_dict(), model_id=0)
+    with caplog.at_level(logging.INFO, logger="kerntrace"):
+        traker.featurize((x[:2], y[:2]), num_samples=2)
+        assert not [r for r in caplog.records if "in chunks of" in r.getMessage()]
+        traker.featurize((x[2:], y[2:]), num_samples=38)
+    assert traker._featurizer.chunk_rows < 38
+    assert [r for r in caplog.records if "in chunks of" in r.getMessage()]

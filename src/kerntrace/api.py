@@ -42,6 +42,7 @@ from .factorized import FactorizedProjector, factorized_share
 from .featurize import Featurizer
 from .files import format_bytes
 from .gradients import batch_items, batch_size, select_parameters
+from .heap import release_freed_blocks
 from .outputs import Task, get_task
 from .projection import PROJECTORS, Projector, make_projector
 from .scoring import Audit, Scores, ensemble_scores, self_scores
@@ -707,9 +708,13 @@ class TRAKer:
             self._writer.sync()
 
     def _release(self) -> None:
-        """Let other processes claim this one's rows; ``featurize`` reclaims them."""
+        """Let other processes claim this one's rows; ``featurize`` reclaims them.
+
+        Also hands the heap's free pages back to the system (``heap``).
+        """
         if self._writer is not None:
             self._writer.release()
+        release_freed_blocks()
 
     def finalize_features(
         self, model_ids: Sequence[int] | None = None, del_grads: bool = False

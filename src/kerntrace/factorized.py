@@ -432,8 +432,8 @@ class FactorizedProjector:
         Counts what the batched pass keeps per example: the tensors autograd
         saves for the backward, the recorded layer inputs and output
         gradients, a conv's input patches, and the layer features. A saved
-        tensor counts the bytes it spans, not its whole storage (a batch
-        sliced from a larger tensor shares that tensor's storage), and the
+        tensor counts its own elements, not its whole storage (a batch
+        sliced or transposed from a larger tensor shares its storage), and the
         model's parameters and buffers, which do not grow with the rows, are
         left out. The batch should be small (two examples): it is run once
         more.
@@ -448,9 +448,9 @@ class FactorizedProjector:
         def pack(tensor: Tensor) -> Tensor:
             storage = tensor.untyped_storage()
             if storage.data_ptr() not in fixed:
-                spans = min(storage.nbytes(), _span_bytes(tensor))
+                own = min(storage.nbytes(), tensor.numel() * tensor.element_size())
                 key = storage.data_ptr()
-                saved[key] = max(saved.get(key, 0), spans)
+                saved[key] = max(saved.get(key, 0), own)
             return tensor
 
         if self._capture is None or self._capture.model is not model:
@@ -513,17 +513,6 @@ class FactorizedProjector:
             if id(layer) not in written:
                 columns[layer.offset : layer.offset + layer.width].zero_()
         return columns, weights
-
-
-def _span_bytes(tensor: Tensor) -> int:
-    """Bytes from a tensor's first element to its last, in its storage."""
-    if tensor.numel() == 0:
-        return 0
-    last = sum(
-        (size - 1) * abs(step)
-        for size, step in zip(tensor.shape, tensor.stride(), strict=True)
-    )
-    return (last + 1) * tensor.element_size()
 
 
 def _put(target: Tensor, value: Tensor, accumulate: bool) -> None:

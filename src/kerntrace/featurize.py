@@ -34,7 +34,7 @@ from .gradients import (
     prepare_batch,
     slice_batch,
 )
-from .heap import keep_freed_blocks
+from .heap import reusing_freed_blocks
 from .outputs import Task
 from .projection import Projector
 
@@ -83,8 +83,6 @@ class Featurizer:
         self.projector = projector
         first = next(iter(model.parameters()))
         self.device, self.dtype = first.device, first.dtype
-        if self.device.type == "cpu":
-            keep_freed_blocks()
         if isinstance(projector, FactorizedProjector):
             self.factorized: FactorizedProjector | None = projector
             self.dense: Projector | None = projector.rest_projector
@@ -107,6 +105,7 @@ class Featurizer:
         self.row_bytes = (3 * gradient_layout.numel + 4 * width) * itemsize
         self.chunk_rows = max(1, int(memory_bytes // max(1, self.row_bytes)))
         self._measured = self.factorized is None
+        self._cut_noted = False
 
     def _verify(self, part: Any) -> None:
         """Check the hooks' gradients against torch.func on two examples.
@@ -143,23 +142,24 @@ class Featurizer:
 
         Raises:
             ConfigurationError: The hooks' exact gradients of two examples
-                differ from torch.func's; nothing was written.
+                differ from plain autograd's; no features were computed.
         """
         try:
             captured, _ = CapturedGradients(self.model, self.task, self.layout).compute(
                 few
             )
-            exact = _loop_gradients(self.model, self.task, self.layout, few)
         except Exception:  # noqa: BLE001 - the batch itself raises, naming its shapes
             return
+        exact = _row_gradients(self.model, self.task, self.layout, few)
         self._verified = True
         if not _agree(captured, exact):
             raise ConfigurationError(
                 "the factorized projector cannot see this model's gradients: its "
-                "per-layer hooks disagree with torch.func (is a layer's weight used "
-                "outside that layer's forward, e.g. F.linear(x, self.fc.weight)?); "
-                "create the TRAKer with projector='sparse' or 'dense'. Nothing was "
-                "written"
+                "per-layer hooks disagree with plain autograd (is a layer's weight "
+                "used outside that layer's forward, e.g. F.linear(x, "
+                "self.fc.weight)?); no features were computed. Create the TRAKer "
+                "with projector='sparse' or 'dense' and a new save_dir (this one "
+                "records projector='factorized')"
             )
 
     def _measure(self, batch: Any) -> None:
@@ -171,16 +171,21 @@ class Featurizer:
             return
         self._measured = True
         self.row_bytes += activations
-        chunk_rows = max(1, int(self.memory_bytes // max(1, self.row_bytes)))
-        if chunk_rows < batch_size(batch):
-            logger.info(
-                "featurizing in chunks of %d rows: the batched pass takes about "
-                "%s per example, the memory budget is %s (memory_bytes)",
-                chunk_rows,
-                format_bytes(self.row_bytes),
-                format_bytes(self.memory_bytes),
-            )
-        self.chunk_rows = chunk_rows
+        self.chunk_rows = max(1, int(self.memory_bytes // max(1, self.row_bytes)))
+
+    def _note_cut(self, rows: int) -> None:
+        """Log, once, that a batch is cut into chunks."""
+        if self._cut_noted or rows <= self.chunk_rows:
+            return
+        self._cut_noted = True
+        logger.info(
+            "featurizing in chunks of %d rows (a batch of %d is cut): a row "
+            "takes about %s, the memory budget is %s (memory_bytes)",
+            self.chunk_rows,
+            rows,
+            format_bytes(self.row_bytes),
+            format_bytes(self.memory_bytes),
+        )
 
     def _chunk(self, part: Any) -> tuple[Tensor, Tensor]:
         if not self._verified:
@@ -213,10 +218,19 @@ class Featurizer:
             NonFiniteGradientError: Some example's gradient or weight is NaN
                 or infinite; the message names it.
         """
+        if self.device.type != "cpu":
+            return self._features(batch, rows)
+        with reusing_freed_blocks():
+            return self._features(batch, rows)
+
+    def _features(
+        self, batch: Any, rows: Sequence[int] | None
+    ) -> tuple[Tensor, Tensor]:
         batch = prepare_batch(batch, device=self.device, dtype=self.dtype)
         total = batch_size(batch)
         if not self._measured:
             self._measure(batch)
+        self._note_cut(total)
         features, weights = [], []
         for start in range(0, total, self.chunk_rows):
             part = slice_batch(batch, slice(start, start + self.chunk_rows))
@@ -241,13 +255,16 @@ class Featurizer:
         return torch.cat(features), torch.cat(weights)
 
 
-def _loop_gradients(
+def _row_gradients(
     model: nn.Module, task: Task, layout: ParameterLayout, batch: Any
 ) -> Tensor:
-    """Per-example gradients (B, p) by one plain backward pass per example.
+    """Per-example gradients (B, p): one backward pass per output of one forward.
 
     Slow, but it needs neither hooks nor torch.func (whose first call in a
-    process costs about a second): the reference for a check on two rows.
+    process costs about a second), and it runs the model on the batch as it
+    is, so a forward that needs more than one row still runs: the reference
+    for a check on two rows. Exact when the examples do not interact (eval
+    mode, which ``check_independent_examples`` and ``eval_mode`` ensure).
     """
     chosen = set(layout.names)
     params = {
@@ -261,10 +278,10 @@ def _loop_gradients(
     wanted = [params[n] for n in layout.names]
     rows = []
     with eval_mode(model), torch.enable_grad():
-        for index in range(batch_size(batch)):
-            one = slice_batch(batch, slice(index, index + 1))
+        outputs = task.output(run, batch).reshape(-1)
+        for index in range(outputs.shape[0]):
             grads = torch.autograd.grad(
-                task.output(run, one).sum(), wanted, allow_unused=True
+                outputs[index], wanted, retain_graph=True, allow_unused=True
             )
             rows.append(
                 torch.cat(

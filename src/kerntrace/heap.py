@@ -5,11 +5,16 @@ of a few MiB. glibc's malloc serves blocks above its mmap threshold (128 KiB
 at first) from fresh pages and hands them back to the kernel when they are
 freed, so the next batch faults every page in again: about 2,800 page faults
 and a quarter of the time of a SmallCNN batch of 100 on this project's CPU.
-``keep_freed_blocks`` raises the thresholds, once per process, to the
-values glibc's own adaptive rule ends at (an mmap threshold of 32 MiB on
-64-bit machines and a trim threshold twice that), so freed blocks stay in
-the heap and are reused. It changes nothing but where malloc takes memory
-from; peak memory stays what the batch needs.
+
+While a batch is featurized (``reusing_freed_blocks``), the mmap threshold
+is 32 MiB, the ceiling of glibc's own adaptive rule on 64-bit machines, so
+the batch's blocks come from the heap; the trim threshold is 64 MiB, so
+what the batch frees stays there for the next one. Between batches the mmap
+threshold is glibc's initial 128 KiB again, so the caller's own large
+blocks still go back to the kernel when freed. ``release_freed_blocks``
+(called when featurization is over, by ``TRAKer.finalize_features``) puts
+the trim threshold back to 128 KiB and returns the heap's free pages to the
+kernel. At most one batch's working set stays in the heap in between.
 
 Set ``KERNTRACE_KEEP_HEAP=0`` to leave malloc as it is. Other C libraries
 than glibc are left alone.
@@ -21,54 +26,74 @@ import ctypes
 import logging
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
-__all__ = ["keep_freed_blocks"]
+__all__ = ["release_freed_blocks", "reusing_freed_blocks"]
 
 logger = logging.getLogger(__name__)
 
 # mallopt's parameter numbers, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-# glibc's ceiling for the adaptive mmap threshold (HEAP_MAX_SIZE / 2 on
-# 64-bit), and the trim threshold that rule pairs with it.
+# glibc's initial thresholds, and the ceiling of its adaptive mmap threshold
+# (HEAP_MAX_SIZE / 2 on 64-bit) with the trim threshold that rule pairs it with.
+DEFAULT_THRESHOLD = 128 << 10
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
 OPT_OUT = "KERNTRACE_KEEP_HEAP"
 
-_state: dict[str, bool] = {}
+_state: dict[str, Any] = {}
 
 
-def keep_freed_blocks() -> bool:
-    """Make glibc keep freed blocks of up to 32 MiB for reuse; once per process.
-
-    Returns:
-        Whether malloc now keeps them: False when ``KERNTRACE_KEEP_HEAP=0``,
-        when the C library is not glibc, or when glibc refused a value.
-    """
-    if "kept" in _state:
-        return _state["kept"]
-    _state["kept"] = False
+def _library() -> Any | None:
+    """glibc, once per process; None when it is not to be touched."""
+    if "libc" in _state:
+        return _state["libc"]
+    _state["libc"] = None
     if os.environ.get(OPT_OUT, "1").strip() == "0":
         logger.info("%s=0: malloc's thresholds left as they are", OPT_OUT)
-        return False
+        return None
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
+        return None
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        libc = ctypes.CDLL(None)
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt.restype = ctypes.c_int
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
     except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if not (
-        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    ):
-        return False
-    _state["kept"] = True
+        return None
+    _state["libc"] = libc
     logger.info(
-        "glibc malloc keeps freed blocks of up to 32 MiB for the next batch "
-        "(mmap threshold 32 MiB, trim threshold 64 MiB, the values of its own "
-        "adaptive rule), so batches do not fault their pages in again; "
-        "set %s=0 to leave malloc alone",
+        "while it featurizes a batch, glibc malloc keeps freed blocks of up to "
+        "32 MiB for the next one (mmap threshold 32 MiB, trim threshold 64 MiB "
+        "until finalize_features), so batches do not fault their pages in "
+        "again; set %s=0 to leave malloc alone",
         OPT_OUT,
     )
-    return True
+    return libc
+
+
+@contextmanager
+def reusing_freed_blocks() -> Iterator[bool]:
+    """Serve and keep a batch's blocks from the heap; yields whether it does."""
+    libc = _library()
+    if libc is None or not libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD):
+        yield False
+        return
+    _state["kept"] = bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    try:
+        yield True
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, DEFAULT_THRESHOLD)
+
+
+def release_freed_blocks() -> None:
+    """Put the trim threshold back and return the heap's free pages."""
+    libc = _state.get("libc")
+    if libc is None or not _state.pop("kept", False):
+        return
+    libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_THRESHOLD)
+    libc.malloc_trim(0)
