@@ -92,6 +92,18 @@ def score_ids(traker, checkpoints, targets, ids, *, exp: str = "val") -> None:
             traker.score(batch, num_samples=len(batch[0]))
 
 
+def assert_second_checkpoint_completes(
+    traker, checkpoints, train, targets, clean_scores
+) -> None:
+    """Featurize checkpoint 1 whole, finish, and match the uninterrupted scores."""
+    traker.load_checkpoint(checkpoints[1], model_id=1)
+    traker.featurize(train, num_samples=N_TRAIN)
+    traker.finalize_features()
+    score_ids(traker, checkpoints, targets, [0, 1])
+    scores = np.array(traker.finalize_scores("val"))
+    np.testing.assert_allclose(scores, clean_scores, rtol=1e-5, atol=1e-8)
+
+
 def run_pipeline(save_dir, checkpoints, train, targets, **options) -> np.ndarray:
     traker = new_traker(save_dir, **options)
     featurize_all(traker, checkpoints, train)
@@ -463,12 +475,9 @@ def test_overlapping_batch_after_a_crash_computes_only_new_rows(
     assert np.load(folder / "out_to_loss.npy")[:20].tobytes() == weights
     assert np.load(folder / "done.npy").all()
 
-    resumed.load_checkpoint(checkpoints[1], model_id=1)
-    resumed.featurize(train, num_samples=N_TRAIN)
-    resumed.finalize_features()
-    score_ids(resumed, checkpoints, targets, [0, 1])
-    scores = np.array(resumed.finalize_scores("val"))
-    np.testing.assert_allclose(scores, clean_scores, rtol=1e-5, atol=1e-8)
+    assert_second_checkpoint_completes(
+        resumed, checkpoints, train, targets, clean_scores
+    )
 
 
 # -- S2: ensembling with a checkpoint skipped -------------------------------------
@@ -856,12 +865,9 @@ def test_a_failed_background_write_is_raised_by_the_next_call_and_its_rows_redon
     for batch in batches(train, 10):
         traker.featurize(batch, num_samples=10)
     assert seen == [list(range(10))], "only the failed rows are computed again"
-    traker.load_checkpoint(checkpoints[1], model_id=1)
-    traker.featurize(train, num_samples=N_TRAIN)
-    traker.finalize_features()
-    score_ids(traker, checkpoints, targets, [0, 1])
-    scores = np.array(traker.finalize_scores("val"))
-    np.testing.assert_allclose(scores, clean_scores, rtol=1e-5, atol=1e-8)
+    assert_second_checkpoint_completes(
+        traker, checkpoints, train, targets, clean_scores
+    )
 
 
 def test_two_trakers_of_one_process_share_a_store_and_either_finalizes(
